@@ -1,0 +1,138 @@
+"""``SessionCache``: scoping of sessions by a ``ContextVar``, and the configured regions.
+
+A scope is an object stored in a module-level ``ContextVar``; the ``async_scoped_session``
+uses the innermost scope of its own cache as the registry key. Tasks created inside a scope
+inherit it (they share one session: pitfall 7, handled by the store's lock), while separate
+requests, each entering ``scope()``, never see each other's session or cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from types import MappingProxyType
+from typing import Final
+
+from dogpile.cache import CacheRegion, make_region
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+
+from ._exceptions import AsyncSessionCacheError, OutsideScopeError, UnknownRegionError
+from ._local import BACKEND_NAME, LocalStore, store_of
+from ._options import serve_from_cache
+from ._stats import RegionStats
+
+LOCAL: Final = "local"
+"""Name of the per-session region every SessionCache has."""
+
+
+@dataclass(eq=False, slots=True)
+class Scope:
+    """One ``async with cache.scope()`` block: its cache, its enclosing scope, its store."""
+
+    cache: SessionCache
+    parent: Scope | None
+    store: LocalStore | None = None
+
+
+current_scope: ContextVar[Scope | None] = ContextVar("async_session_cache.scope", default=None)
+
+
+class SessionCache:
+    """Scoped ``AsyncSession``s, each with its own local query cache, plus shared regions.
+
+    ``session_factory`` is an ``async_sessionmaker``; ``regions`` maps names to configured
+    dogpile.cache ``CacheRegion``s. The name ``"local"`` is reserved for the per-session
+    region, whose values live on the scope's session and end with it.
+    """
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        regions: Mapping[str, CacheRegion] | None = None,
+    ) -> None:
+        shared = dict(regions or {})
+        if LOCAL in shared:
+            raise AsyncSessionCacheError(f"the region name {LOCAL!r} is reserved")
+        for name, region in shared.items():
+            if not isinstance(region, CacheRegion):
+                raise TypeError(f"region {name!r} must be a dogpile.cache CacheRegion")
+        self.session: async_scoped_session[AsyncSession] = async_scoped_session(
+            session_factory, scopefunc=self._scope_key
+        )
+        """The ``async_scoped_session``; inside a scope it is that scope's session."""
+        local = make_region(name=LOCAL).configure(
+            BACKEND_NAME, arguments={"scoped_session": self.session}
+        )
+        self.regions: Mapping[str, CacheRegion] = MappingProxyType({LOCAL: local, **shared})
+        """Every region by name, ``"local"`` included."""
+        self._stats = {name: RegionStats() for name in self.regions}
+        self._stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+
+    def _scope_key(self) -> Scope:
+        scope = current_scope.get()
+        while scope is not None:
+            if scope.cache is self:
+                return scope
+            scope = scope.parent
+        raise OutsideScopeError("SessionCache.session")
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[AsyncSession]:
+        """Open a fresh scope and yield its ``AsyncSession``.
+
+        On exit, normal or by exception, the session is closed and removed from the
+        registry, and its local cache is dropped. Scopes nest: an inner scope has its own
+        session, and the outer one is current again after it.
+        """
+        scope = Scope(self, current_scope.get())
+        token = current_scope.set(scope)
+        try:
+            session = self.session()
+            scope.store = self.attach(session)
+            yield session
+        finally:
+            try:
+                await self.session.remove()
+            finally:
+                if scope.store is not None:
+                    scope.store.close()
+                    self._stores.discard(scope.store)
+                current_scope.reset(token)
+
+    def attach(self, session: AsyncSession) -> LocalStore:
+        """The local store of ``session``, created on first use."""
+        store = store_of(session)
+        if store is None:
+            store = LocalStore(session, self, self._stats[LOCAL])
+            store.listen("do_orm_execute", partial(serve_from_cache, store))
+            self._stores.add(store)
+        return store
+
+    def region(self, name: str) -> CacheRegion:
+        """The region called ``name``; ``UnknownRegionError`` lists the configured ones."""
+        try:
+            return self.regions[name]
+        except KeyError:
+            raise UnknownRegionError(name, self.regions) from None
+
+    def region_stats(self, name: str) -> RegionStats:
+        """The live counters of region ``name``."""
+        self.region(name)
+        return self._stats[name]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per region: hits, misses, coalesced, fills, invalidations, bypasses.
+
+        The local region also reports ``sessions`` (open stores) and ``entries`` (entries
+        held by them now).
+        """
+        report = {name: stats.snapshot() for name, stats in self._stats.items()}
+        stores = list(self._stores)
+        report[LOCAL]["sessions"] = len(stores)
+        report[LOCAL]["entries"] = sum(len(store.entries) for store in stores)
+        return report

@@ -1,0 +1,171 @@
+"""``cached_execute`` and ``invalidate``: the get-or-fill policy of the local region.
+
+A hit is pure Python on the caller's task: key the statement, look it up, check its ORM
+instances are still current, replay. A miss runs the query under the session's lock (sibling
+tasks share the session: pitfall 7), and concurrent misses of one key share one query
+(single-flight on an ``asyncio.Future``, never a thread lock: pitfall 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Hashable
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Executable
+
+from ._cache import LOCAL, SessionCache, current_scope
+from ._exceptions import OutsideScopeError, UncacheableStatementWarning
+from ._local import LocalStore, store_of
+from ._results import FrozenRows, has_pending_changes
+from ._statements import must_read_live, require_select, statement_key, tables_read
+
+
+async def cached_execute(
+    statement: Executable,
+    *,
+    region: str = LOCAL,
+    expiration_time: float | None = None,
+    session: AsyncSession | None = None,
+) -> Result[Any]:
+    """Execute a SELECT through the cache; return what ``AsyncSession.execute`` would.
+
+    The key covers the statement's structure, bound values, loader and execution options.
+    On a miss the statement runs on the scope's session (or ``session``), the buffered
+    result is frozen and stored; a hit replays it without SQL, ORM instances being the
+    session's own. ``expiration_time`` (seconds) bounds how long the entry is served.
+
+    Raises ``OutsideScopeError`` outside any scope, ``NotASelectError`` for writes and
+    ``UnknownRegionError`` for a region the cache was not configured with. A SELECT that
+    SQLAlchemy cannot key runs uncached with an ``UncacheableStatementWarning``.
+    """
+    store = _resolve_store(session, "cached_execute()")
+    store.owner.region(region)
+    statement = require_select(statement)
+    if expiration_time is not None and expiration_time <= 0:
+        raise ValueError("expiration_time must be a positive number of seconds or None")
+    await _flush_if_pending(store)
+    stats = store.stats
+    key = None if must_read_live(statement) else _key_or_warn(statement)
+    if key is None:
+        stats.bypasses += 1
+        return await _execute_uncached(store, statement)
+    rows = store.lookup(key)
+    if rows is not None:
+        stats.hits += 1
+        return rows.replay()
+    rows = await _fill_once(store, key, statement, expiration_time)
+    return rows.replay()
+
+
+async def invalidate(statement: Executable, *, region: str = LOCAL) -> None:
+    """Drop the cached result of ``statement`` in ``region`` for the current scope."""
+    store = _resolve_store(None, "invalidate()")
+    store.owner.region(region)
+    key = statement_key(require_select(statement))
+    if key is not None and store.discard(key):
+        store.stats.invalidations += 1
+
+
+def _resolve_store(session: AsyncSession | None, caller: str) -> LocalStore:
+    scope = current_scope.get()
+    if session is None:
+        if scope is None or scope.store is None:
+            raise OutsideScopeError(caller)
+        return scope.store
+    store = store_of(session)
+    if store is not None:
+        return store
+    if scope is None:
+        raise OutsideScopeError(caller)
+    cache: SessionCache = scope.cache
+    return cache.attach(session)
+
+
+def _key_or_warn(statement: Executable) -> Hashable | None:
+    key = statement_key(statement)
+    if key is None:
+        warnings.warn(
+            "this statement cannot be cached (SQLAlchemy produced no cache key, e.g. a "
+            "TypeDecorator without cache_ok=True); it runs uncached",
+            UncacheableStatementWarning,
+            stacklevel=3,
+        )
+        return None
+    try:
+        hash(key)
+    except TypeError:
+        warnings.warn(
+            "this statement cannot be cached: a bound value is not hashable; it runs uncached",
+            UncacheableStatementWarning,
+            stacklevel=3,
+        )
+        return None
+    return key
+
+
+async def _flush_if_pending(store: LocalStore) -> None:
+    """Flush first, as ``execute`` would autoflush, so a hit never skips pending changes
+    (pitfall 3) and the flush's writes invalidate the entries they make stale (pitfall 4)."""
+    sync_session = store.sync_session
+    if sync_session.autoflush and has_pending_changes(sync_session):
+        async with store.lock:
+            if has_pending_changes(sync_session):
+                await store.session.flush()
+
+
+async def _execute_uncached(store: LocalStore, statement: Executable) -> Result[Any]:
+    async with store.lock:
+        return await store.session.execute(statement)
+
+
+async def _fill_once(
+    store: LocalStore,
+    key: Hashable,
+    statement: Executable,
+    expiration_time: float | None,
+) -> FrozenRows:
+    """Run the query for ``key`` once, however many tasks miss it at the same time."""
+    while (pending := store.inflight.get(key)) is not None:
+        try:
+            rows = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if pending.cancelled() and task is not None and not task.cancelling():
+                continue  # the filling task was cancelled, not us: fill it ourselves
+            raise
+        store.stats.coalesced += 1
+        return rows
+
+    future: asyncio.Future[FrozenRows] = asyncio.get_running_loop().create_future()
+    store.inflight[key] = future
+    try:
+        async with store.lock:
+            started_at = store.write_seq
+            result = await store.session.execute(statement)
+            rows = FrozenRows(result)
+        store.stats.misses += 1
+        stored = store.put(
+            key,
+            rows,
+            tables_read(statement),
+            started_at=started_at,
+            expiration_time=expiration_time,
+        )
+        if stored:
+            store.stats.fills += 1
+        future.set_result(rows)
+        return rows
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # waiters re-raise it; nobody waiting is not an error
+        raise
+    finally:
+        if store.inflight.get(key) is future:
+            del store.inflight[key]

@@ -1,0 +1,216 @@
+"""The local region: a cache dict owned by one session, dropped with it.
+
+A ``LocalStore`` lives in ``session.info`` and holds the frozen results the session has read,
+each with the tables it depends on. Listeners on the session's sync ``Session`` (pitfall 2:
+not on ``AsyncSession``) record what the session writes: a flush, ORM bulk or Core DML,
+``text()``; entries that read a written table are dropped at once, and a rollback drops the
+entries that may hold the transaction's discarded writes.
+
+``ScopedSessionBackend`` exposes the current scope's dict as a dogpile.cache backend named
+``async_session_cache.local``, the async form of SQLAlchemy's ``local_session_caching`` recipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from dogpile.cache import register_backend
+from dogpile.cache.api import NO_VALUE, CacheBackend, NoValue
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+
+from ._exceptions import AsyncSessionCacheError
+from ._results import FrozenRows
+from ._statements import ALL_TABLES, tables_written_by_flush, tables_written_by_statement
+from ._stats import RegionStats
+
+INFO_KEY: Final = "async_session_cache.local"
+"""Key of the ``LocalStore`` in ``Session.info``."""
+
+BACKEND_NAME: Final = "async_session_cache.local"
+"""The dogpile.cache backend name of the local region."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One cached result and what it depends on."""
+
+    rows: FrozenRows
+    tables: frozenset[str]
+    expires_at: float
+
+
+class LocalStore:
+    """The cache of one session: entries, in-flight fills, and the session's writes."""
+
+    def __init__(self, session: AsyncSession, owner: Any, stats: RegionStats) -> None:
+        self.session = session
+        self.owner = owner
+        """The ``SessionCache`` that attached this store."""
+        self.sync_session: Session = session.sync_session
+        self.stats = stats
+        self.entries: dict[Hashable, Any] = {}
+        """``Entry`` objects under statement keys; dogpile values under string keys."""
+        self.inflight: dict[Hashable, asyncio.Future[FrozenRows]] = {}
+        self.lock = asyncio.Lock()
+        """Serialises this session's database work: an AsyncSession is not safe for
+        concurrent use, yet sibling tasks of one scope share it (pitfall 7)."""
+        self.write_seq = 0
+        self._last_write: dict[str, int] = {}
+        self._transaction_writes: set[str] = set()
+        self._listeners: list[tuple[str, Callable[..., Any]]] = []
+        self.listen("after_flush", self._after_flush)
+        self.listen("do_orm_execute", self._on_execute)
+        self.listen("after_commit", self._after_commit)
+        self.listen("after_soft_rollback", self._after_rollback)
+        self.sync_session.info[INFO_KEY] = self
+
+    def listen(self, name: str, listener: Callable[..., Any]) -> None:
+        """Listen to a ``SessionEvents`` event of this session until the store closes."""
+        event.listen(self.sync_session, name, listener)
+        self._listeners.append((name, listener))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def lookup(self, key: Hashable) -> FrozenRows | None:
+        """The frozen rows under ``key`` if they may be served now, else ``None``."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at != math.inf and entry.expires_at <= time.monotonic():
+            del self.entries[key]
+            return None
+        rows: FrozenRows = entry.rows
+        if rows.holds_instances and not rows.is_current_in(self.sync_session):
+            del self.entries[key]
+            return None
+        return rows
+
+    def put(
+        self,
+        key: Hashable,
+        rows: FrozenRows,
+        tables: frozenset[str],
+        *,
+        started_at: int,
+        expiration_time: float | None,
+    ) -> bool:
+        """Store a fill unless a write to one of its tables happened since ``started_at``."""
+        if self._written_since(started_at, tables):
+            return False
+        expires_at = math.inf if expiration_time is None else time.monotonic() + expiration_time
+        self.entries[key] = Entry(rows, tables, expires_at)
+        return True
+
+    def discard(self, key: Hashable) -> bool:
+        """Drop the entry under ``key``; whether there was one."""
+        return self.entries.pop(key, None) is not None
+
+    def _written_since(self, seq: int, tables: frozenset[str]) -> bool:
+        if self.write_seq == seq:
+            return False
+        last_write = self._last_write
+        if last_write.get(ALL_TABLES, 0) > seq or ALL_TABLES in tables:
+            return True
+        return any(last_write.get(table, 0) > seq for table in tables)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def record_write(self, tables: frozenset[str]) -> None:
+        """Note that the session wrote ``tables`` and drop the entries that read them."""
+        if not tables:
+            return
+        self.write_seq += 1
+        for table in tables:
+            self._last_write[table] = self.write_seq
+        self._transaction_writes |= tables
+        self._drop_reading(tables)
+
+    def _drop_reading(self, tables: set[str] | frozenset[str]) -> None:
+        everything = ALL_TABLES in tables
+        stale = [
+            key
+            for key, entry in self.entries.items()
+            if isinstance(entry, Entry)
+            and (everything or ALL_TABLES in entry.tables or not entry.tables.isdisjoint(tables))
+        ]
+        for key in stale:
+            del self.entries[key]
+        self.stats.invalidations += len(stale)
+
+    def _after_flush(self, session: Session, flush_context: Any) -> None:
+        self.record_write(tables_written_by_flush(flush_context))
+
+    def _on_execute(self, orm_execute_state: ORMExecuteState) -> None:
+        if not orm_execute_state.is_select:
+            self.record_write(tables_written_by_statement(orm_execute_state.statement))
+
+    def _after_commit(self, session: Session) -> None:
+        if not session.in_transaction():
+            self._transaction_writes.clear()
+
+    def _after_rollback(self, session: Session, previous: SessionTransaction) -> None:
+        # Entries filled after a write may hold the discarded rows; drop them all.
+        if self._transaction_writes:
+            self.write_seq += 1
+            for table in self._transaction_writes:
+                self._last_write[table] = self.write_seq
+            self._drop_reading(self._transaction_writes)
+        if not session.in_transaction():
+            self._transaction_writes.clear()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Forget everything and detach from the session (the scope has ended)."""
+        for future in self.inflight.values():
+            future.cancel()
+        self.inflight.clear()
+        self.entries.clear()
+        for name, listener in self._listeners:
+            if event.contains(self.sync_session, name, listener):
+                event.remove(self.sync_session, name, listener)
+        self.sync_session.info.pop(INFO_KEY, None)
+
+
+def store_of(session: AsyncSession) -> LocalStore | None:
+    """The ``LocalStore`` attached to ``session``, if any."""
+    store: LocalStore | None = session.sync_session.info.get(INFO_KEY)
+    return store
+
+
+class ScopedSessionBackend(CacheBackend):
+    """A dogpile.cache backend over the current scope's local dict.
+
+    Configure it with ``arguments={"scoped_session": cache.session}``. Values live in the
+    dict of the session the scope owns, so they die with the session; identity is
+    preserved because nothing is serialised.
+    """
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        self.scoped_session: async_scoped_session[AsyncSession] = arguments["scoped_session"]
+
+    def _dictionary(self) -> dict[Hashable, Any]:
+        session = self.scoped_session()
+        store = store_of(session)
+        if store is None:
+            raise AsyncSessionCacheError("the local region's session has no cache store")
+        return store.entries
+
+    def get(self, key: Any) -> Any | NoValue:
+        return self._dictionary().get(key, NO_VALUE)
+
+    def set(self, key: Any, value: Any) -> None:
+        self._dictionary()[key] = value
+
+    def delete(self, key: Any) -> None:
+        self._dictionary().pop(key, None)
+
+
+register_backend(BACKEND_NAME, __name__, "ScopedSessionBackend")  # type: ignore[no-untyped-call]

@@ -1,0 +1,92 @@
+"""The ORM-option route: ``session.execute(stmt.options(FromCache(region)))``.
+
+A ``do_orm_execute`` listener on the sync ``Session`` (pitfall 2) serves statements carrying
+``FromCache`` from the session's local store, keyed on the final parameters and execution
+options of the execution. It runs inside SQLAlchemy's greenlet, so everything here is
+synchronous: no awaiting, no locks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import ORMExecuteState, UserDefinedOption
+
+from ._exceptions import UncacheableStatementWarning
+from ._local import LocalStore, ScopedSessionBackend
+from ._results import FrozenRows, has_pending_changes
+from ._statements import must_read_live, statement_key, tables_read
+
+
+class FromCache(UserDefinedOption):
+    """Load option: serve this SELECT from cache region ``region``.
+
+    ``session.execute(select(User).options(FromCache("local")))`` behaves as
+    ``cached_execute`` does, for sessions of a ``SessionCache``.
+    """
+
+    def __init__(self, region: str = "local", expiration_time: float | None = None) -> None:
+        super().__init__((region, expiration_time))
+        self.region = region
+        self.expiration_time = expiration_time
+
+
+def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> Result[Any] | None:
+    """``do_orm_execute`` hook: a replayed result for ``FromCache`` statements, else None."""
+    if not orm_execute_state.is_select:
+        return None
+    option = _from_cache_option(orm_execute_state)
+    if option is None:
+        return None
+    region = store.owner.region(option.region)
+    if not isinstance(region.backend, ScopedSessionBackend):
+        raise NotImplementedError("FromCache with a shared region is not supported yet")
+    statement = orm_execute_state.statement
+    if must_read_live(statement):
+        store.stats.bypasses += 1
+        return None
+    key = statement_key(
+        statement,
+        orm_execute_state.parameters,
+        {
+            name: value
+            for name, value in orm_execute_state.local_execution_options.items()
+            if not name.startswith("_sa")
+        },
+    )
+    if key is None:
+        warnings.warn(
+            "this statement cannot be cached (no SQLAlchemy cache key); it runs uncached",
+            UncacheableStatementWarning,
+            stacklevel=2,
+        )
+        store.stats.bypasses += 1
+        return None
+    session = orm_execute_state.session
+    if session.autoflush and has_pending_changes(session):
+        session.flush()  # as execute() would, before looking anything up (pitfall 3)
+    rows = store.lookup(key)
+    if rows is not None:
+        store.stats.hits += 1
+        return rows.replay()
+    started_at = store.write_seq
+    rows = FrozenRows(orm_execute_state.invoke_statement())
+    store.stats.misses += 1
+    if store.put(
+        key,
+        rows,
+        tables_read(statement),
+        started_at=started_at,
+        expiration_time=option.expiration_time,
+    ):
+        store.stats.fills += 1
+    return rows.replay()
+
+
+def _from_cache_option(orm_execute_state: ORMExecuteState) -> FromCache | None:
+    for option in orm_execute_state.user_defined_options:
+        if isinstance(option, FromCache):
+            return option
+    return None

@@ -1,0 +1,207 @@
+"""Statement analysis: cache keys, the tables a read depends on, the tables a write touches.
+
+This module and ``_results.py`` are the only places that use SQLAlchemy's private APIs
+(``_generate_cache_key``, ``_with_options``, loader-option paths, the flush context), so an
+upgrade of SQLAlchemy touches these two files.
+
+Table names (``Table.fullname``) identify dependencies rather than ``Table`` objects because
+the ORM hands out annotated copies of tables, and because shared stores need strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from functools import lru_cache
+from typing import Any, Final
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import Mapper, RelationshipProperty
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import CompoundSelect, Select, TextualSelect
+from sqlalchemy.sql.util import find_tables
+
+from ._exceptions import NotASelectError
+
+ALL_TABLES: Final = "*"
+"""Dependency/write marker meaning "every table" (``text()`` statements, DDL)."""
+
+_EAGER_STRATEGIES: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
+
+_FRESH_READ_OPTIONS: Final = ("populate_existing", "yield_per", "stream_results")
+"""Execution options that ask for a live database read, so a cached answer is wrong."""
+
+
+def require_select(statement: object) -> Executable:
+    """Return ``statement`` if it is a SELECT (plain, compound or textual); raise otherwise."""
+    if isinstance(statement, Select | CompoundSelect | TextualSelect):
+        return statement
+    raise NotASelectError(statement)
+
+
+def must_read_live(statement: Executable) -> bool:
+    """Whether the statement must reach the database: locking reads and fresh-read options."""
+    if getattr(statement, "_for_update_arg", None) is not None:
+        return True
+    options = statement._execution_options
+    return bool(options) and any(options.get(name) for name in _FRESH_READ_OPTIONS)
+
+
+def statement_key(
+    statement: Executable,
+    parameters: Any = None,
+    execution_options: Mapping[str, Any] | None = None,
+) -> Hashable | None:
+    """An in-process key for ``statement``, or ``None`` when SQLAlchemy cannot key it.
+
+    The key covers the statement's structure (entities, criteria, loader options: pitfall 5),
+    its bound values (IN-lists, limit/offset included), its execution options, and the
+    parameters and execution options given at execution time. It holds live ``Table``
+    objects, so it is valid only inside this process.
+    """
+    cache_key = statement._generate_cache_key()  # type: ignore[attr-defined]
+    if cache_key is None:
+        return None
+    values = tuple([_hashable(bind.effective_value) for bind in cache_key.bindparams])
+    options = statement._execution_options
+    return (
+        cache_key.key,
+        values,
+        _hashable(dict(options)) if options else (),
+        _hashable(parameters) if parameters else (),
+        _hashable(dict(execution_options)) if execution_options else (),
+    )
+
+
+def _hashable(value: Any) -> Any:
+    """Turn lists, dicts and sets (IN-lists, JSON values, option maps) into hashable twins."""
+    if isinstance(value, list | tuple):
+        return tuple([_hashable(item) for item in value])
+    if isinstance(value, Mapping):
+        return ("__dict__", tuple(sorted((repr(k), _hashable(v)) for k, v in value.items())))
+    if isinstance(value, set | frozenset):
+        return ("__set__", frozenset(_hashable(item) for item in value))
+    return value
+
+
+def tables_read(statement: Executable) -> frozenset[str]:
+    """Names of every table whose rows can change the result of ``statement``.
+
+    Covers FROM clauses, joins, subqueries and CTEs; for ORM entities, their inheritance
+    tables, column properties and default eager loads; and the targets of loader options.
+    A textual SELECT could read anything, so it depends on ``ALL_TABLES``.
+    """
+    if isinstance(statement, TextualSelect):
+        return frozenset({ALL_TABLES})
+    names = _table_names(statement)
+    for mapper in _entity_mappers(statement):
+        names |= _mapper_reads(mapper)
+    for option in getattr(statement, "_with_options", ()):
+        for element in getattr(option, "context", ()):
+            for token in element.path.path:
+                if isinstance(token, RelationshipProperty):
+                    names |= _relationship_reads(token)
+    return frozenset(names)
+
+
+def tables_written_by_statement(statement: Executable) -> frozenset[str]:
+    """Names of the tables an executed non-SELECT statement may change.
+
+    INSERT/UPDATE/DELETE (Core or ORM bulk) write their target table and, for ORM entities,
+    the entity's inheritance tables. ``text()``, DDL and anything else unknown may write any
+    table, so they return ``ALL_TABLES``.
+    """
+    if getattr(statement, "is_select", False):
+        return frozenset()
+    if getattr(statement, "is_dml", False):
+        assert isinstance(statement, ClauseElement)
+        names = {table.fullname for table in find_tables(statement, include_crud=True)}
+        entity = getattr(statement, "entity_description", {}).get("entity")
+        mapper = inspect(entity, raiseerr=False) if entity is not None else None
+        if isinstance(mapper, Mapper):
+            names |= _mapper_tables(mapper)
+        return frozenset(names)
+    return frozenset({ALL_TABLES})
+
+
+def tables_written_by_flush(flush_context: Any) -> frozenset[str]:
+    """Names of the tables a completed ORM flush may have written.
+
+    Every mapper whose instances took part (new, dirty, deleted, or touched by a
+    relationship's foreign-key sync) contributes its tables and its many-to-many
+    association tables.
+    """
+    mappers = {state.mapper for state in flush_context.states}
+    names: set[str] = set()
+    for mapper in mappers:
+        names |= _mapper_writes(mapper)
+    return frozenset(names)
+
+
+def _table_names(clause: Any) -> set[str]:
+    return {
+        table.fullname
+        for table in find_tables(clause, include_joins=True, include_aliases=True)
+        if hasattr(table, "fullname")
+    }
+
+
+def _entity_mappers(statement: Executable) -> Iterable[Mapper[Any]]:
+    descriptions = getattr(statement, "column_descriptions", None)
+    if descriptions is None:
+        return ()
+    mappers = []
+    for description in descriptions:
+        entity = description.get("entity")
+        if entity is not None:
+            info = inspect(entity, raiseerr=False)
+            mapper = getattr(info, "mapper", None)
+            if isinstance(mapper, Mapper):
+                mappers.append(mapper)
+    return mappers
+
+
+def _mapper_tables(mapper: Mapper[Any]) -> set[str]:
+    names: set[str] = set()
+    for each in mapper.self_and_descendants:
+        names |= {table.fullname for table in each.tables}
+    return names
+
+
+@lru_cache(maxsize=1024)
+def _mapper_reads(mapper: Mapper[Any]) -> frozenset[str]:
+    """Tables read when loading ``mapper`` entities: own tables, column expressions and
+    default eager relationships, followed transitively."""
+    names: set[str] = set()
+    seen: set[Mapper[Any]] = set()
+    pending = [mapper]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        names |= _mapper_tables(current)
+        for column in current.columns:
+            names |= _table_names(column)
+        for relationship in current.relationships:
+            if relationship.lazy in _EAGER_STRATEGIES:
+                names |= _secondary_tables(relationship)
+                pending.append(relationship.mapper)
+    return frozenset(names)
+
+
+def _relationship_reads(relationship: RelationshipProperty[Any]) -> set[str]:
+    return set(_mapper_reads(relationship.mapper)) | _secondary_tables(relationship)
+
+
+@lru_cache(maxsize=1024)
+def _mapper_writes(mapper: Mapper[Any]) -> frozenset[str]:
+    names = _mapper_tables(mapper)
+    for relationship in mapper.relationships:
+        names |= _secondary_tables(relationship)
+    return frozenset(names)
+
+
+def _secondary_tables(relationship: RelationshipProperty[Any]) -> set[str]:
+    secondary = relationship.secondary
+    return _table_names(secondary) if secondary is not None else set()
