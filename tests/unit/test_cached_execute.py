@@ -282,7 +282,7 @@ async def test_textual_select_is_cached(cache: SessionCache, sql: SQLLog) -> Non
 async def test_unknown_region_lists_the_configured_ones(cache: SessionCache) -> None:
     """A wrong region name raises UnknownRegionError naming the configured regions."""
     async with cache.scope():
-        with pytest.raises(UnknownRegionError, match="'nope'.*local"):
+        with pytest.raises(UnknownRegionError, match=r"'nope'.*local"):
             await cached_execute(select(User), region="nope")
         with pytest.raises(UnknownRegionError):
             await invalidate(select(User), region="nope")
