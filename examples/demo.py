@@ -1,0 +1,251 @@
+"""A tour of async_session_cache on a small product catalogue (aiosqlite, temp file).
+
+A product page is assembled by independent components (header, permission check, detail,
+breadcrumb, rating badge, related products, SEO tags, footer) that each load what they need,
+so the same reads repeat within one request. The same request mix runs uncached
+(``session.execute``) and cached (``cached_execute``), interleaved; then a write shows that
+a cached read in the same scope sees the new value at once.
+
+    .venv/bin/python examples/demo.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKey, String, event, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+
+from async_session_cache import SessionCache, cached_execute
+
+CATEGORIES, PRODUCTS, REVIEWS, REQUESTS = 20, 5_000, 20_000, 150
+
+Read = Callable[[Any], Awaitable[Any]]
+"""``session.execute`` or ``cached_execute``: the only difference between the two runs."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Category(Base):
+    __tablename__ = "categories"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    products: Mapped[list[Product]] = relationship(back_populates="category")
+
+
+class Product(Base):
+    __tablename__ = "products"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    price_cents: Mapped[int]
+    stock: Mapped[int]
+    category: Mapped[Category] = relationship(back_populates="products")
+    reviews: Mapped[list[Review]] = relationship(back_populates="product")
+
+
+class Review(Base):
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"), index=True)
+    rating: Mapped[int]
+    author: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    product: Mapped[Product] = relationship(back_populates="reviews")
+
+
+async def create_catalogue(engine: AsyncEngine) -> None:
+    """Create the schema and fill it with deterministic pseudo-random rows."""
+    rng = random.Random(7)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(
+            insert(Category), [{"id": i, "name": f"Category {i:02}"} for i in range(CATEGORIES)]
+        )
+        products = [
+            {
+                "id": i,
+                "category_id": i % CATEGORIES,
+                "name": f"Product {i}",
+                "price_cents": rng.randint(199, 99_999),
+                "stock": rng.randint(0, 500),
+            }
+            for i in range(PRODUCTS)
+        ]
+        await conn.execute(insert(Product), products)
+        start = datetime(2024, 1, 1)
+        reviews = [
+            {
+                "product_id": rng.randrange(PRODUCTS),
+                "rating": rng.randint(1, 5),
+                "author": f"reader{rng.randrange(1000)}",
+                "created_at": start + timedelta(minutes=i),
+            }
+            for i in range(REVIEWS)
+        ]
+        await conn.execute(insert(Review), reviews)
+
+
+async def load_product(read: Read, product_id: int) -> Product:
+    """The product row, as the permission check, breadcrumb and SEO tags each load it."""
+    product: Product = (await read(select(Product).where(Product.id == product_id))).scalar_one()
+    return product
+
+
+async def rating(read: Read, product_id: int) -> tuple[int, float]:
+    """Review count and average rating (an aggregate, used by the badge and the SEO tags)."""
+    stmt = select(func.count(Review.id), func.avg(Review.rating))
+    count, average = (await read(stmt.where(Review.product_id == product_id))).one()
+    return count, round(average or 0.0, 2)
+
+
+async def category_nav(read: Read) -> list[str]:
+    """The category menu of the header and the footer."""
+    return list((await read(select(Category.name).order_by(Category.name))).scalars())
+
+
+async def product_page(read: Read, product_id: int) -> dict[str, Any]:
+    """One request: the components of a product page, each doing its own reads."""
+    header = await category_nav(read)
+    if (await load_product(read, product_id)).stock < 0:  # permission/visibility check
+        raise LookupError(product_id)
+    stmt = select(Product).where(Product.id == product_id).options(selectinload(Product.reviews))
+    detail = (await read(stmt)).scalar_one()
+    product = await load_product(read, product_id)  # breadcrumb
+    category = (await read(select(Category).where(Category.id == product.category_id))).scalar_one()
+    badge = await rating(read, product_id)
+    related = select(Product).where(Product.category_id == product.category_id)
+    related = related.order_by(Product.price_cents.desc()).limit(5)
+    top = [p.name for p in (await read(related)).scalars()]
+    seo = ((await load_product(read, product_id)).name, await rating(read, product_id))
+    footer = await category_nav(read)
+    return {
+        "name": detail.name,
+        "price": detail.price_cents,
+        "reviews": sorted(r.rating for r in detail.reviews),
+        "crumbs": (category.name, product.name),
+        "badge": badge,
+        "related": top,
+        "seo": seo,
+        "menus": (header, footer),
+    }
+
+
+async def run_workload(cache: SessionCache, sql: list[int]) -> dict[str, Any]:
+    """Serve the same requests uncached and cached, interleaved; return counts and latencies."""
+    rng = random.Random(11)
+    hot = rng.sample(range(PRODUCTS), 40)  # a few popular products, many cold ones
+    requests = [
+        rng.choice(hot) if rng.random() < 0.6 else rng.randrange(PRODUCTS) for _ in range(REQUESTS)
+    ]
+    modes: dict[str, Any] = {
+        name: {"sql": 0, "latency": [], "pages": []} for name in ("uncached", "cached")
+    }
+    for product_id in requests[:5]:  # warm SQLAlchemy's compiled-statement cache; not counted
+        async with cache.scope() as session:
+            await product_page(session.execute, product_id)
+    before = cache.stats()["local"]
+    for product_id in requests:
+        for name, mode in modes.items():
+            started, sql_before = time.perf_counter(), sql[0]
+            async with cache.scope() as session:
+                read = session.execute if name == "uncached" else cached_execute
+                mode["pages"].append(await product_page(read, product_id))
+            mode["latency"].append(time.perf_counter() - started)
+            mode["sql"] += sql[0] - sql_before
+    after = cache.stats()["local"]
+    modes["cached"]["served"] = after["hits"] - before["hits"]
+    modes["uncached"]["served"] = 0
+    reads = sum(after[name] - before[name] for name in ("hits", "misses", "coalesced", "bypasses"))
+    modes["reads_per_page"] = reads / REQUESTS
+    if modes["uncached"]["pages"] != modes["cached"]["pages"]:
+        raise SystemExit("FAIL: cached pages differ from uncached pages")
+    return modes
+
+
+async def prove_freshness(cache: SessionCache, sql: list[int], product_id: int) -> None:
+    """Read a price through the cache, change it via the ORM and commit, read it again."""
+
+    def price_of() -> Any:
+        return select(Product.price_cents).where(Product.id == product_id)
+
+    async with cache.scope() as session:
+        before = (await cached_execute(price_of())).scalar_one()
+        sql_before = sql[0]
+        again = (await cached_execute(price_of())).scalar_one()
+        hit = sql[0] == sql_before and again == before
+        product = (
+            await cached_execute(select(Product).where(Product.id == product_id))
+        ).scalar_one()
+        product.price_cents = before + 500
+        await session.commit()
+        sql_before = sql[0]
+        after = (await cached_execute(price_of())).scalar_one()
+        requeried = sql[0] - sql_before
+    print(f"\nFreshness: product #{product_id} in one scope")
+    second = "cache hit" if hit else "SQL"
+    print(f"  cached read        ${before / 100:,.2f}   (read again: {second})")
+    print(f"  product.price_cents = {before + 500}; await session.commit()")
+    how = f"{requeried} SQL query: entry invalidated" if requeried else "served from cache"
+    print(f"  cached read        ${after / 100:,.2f}   ({how})")
+    if after != before + 500:
+        print(f"  FAIL: stale read, expected ${(before + 500) / 100:,.2f}", file=sys.stderr)
+        raise SystemExit(1)
+    print("  OK: the write invalidated the cached price; no stale read")
+
+
+def print_report(modes: dict[str, Any]) -> None:
+    """The side-by-side table of the two runs."""
+    reads = modes["reads_per_page"]
+    print(
+        f"\nWorkload: {REQUESTS} product-page requests, one scope each, {reads:.0f} reads per page"
+    )
+    print(f"\n  {'mode':<26}{'SQL queries':>12}{'from cache':>12}{'median/request':>17}")
+    for name, label in (("uncached", "session.execute"), ("cached", "cached_execute")):
+        mode = modes[name]
+        median_ms = statistics.median(mode["latency"]) * 1000
+        print(f"  {label:<26}{mode['sql']:>12,}{mode['served']:>12,}{median_ms:>14.2f} ms")
+    uncached, cached = modes["uncached"], modes["cached"]
+    fewer = 1 - cached["sql"] / uncached["sql"]
+    speedup = statistics.median(uncached["latency"]) / statistics.median(cached["latency"])
+    print(f"\n  {fewer:.0%} fewer queries, median request {speedup:.1f}x faster; identical pages")
+
+
+async def main() -> None:
+    """Build the catalogue in a temporary file database, run the tour, clean up."""
+    with tempfile.TemporaryDirectory(prefix="asc-demo-") as tmp:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp}/catalogue.db")
+        sql = [0]
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def count(*_: Any) -> None:
+            sql[0] += 1
+
+        try:
+            started = time.perf_counter()
+            await create_catalogue(engine)
+            print("async_session_cache demo: a product catalogue on aiosqlite (temp file)")
+            print(
+                f"  {CATEGORIES} categories, {PRODUCTS:,} products, {REVIEWS:,} reviews "
+                f"(created in {time.perf_counter() - started:.1f} s)"
+            )
+            cache = SessionCache(async_sessionmaker(engine, expire_on_commit=False))
+            print_report(await run_workload(cache, sql))
+            await prove_freshness(cache, sql, product_id=42)
+        finally:
+            await engine.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
