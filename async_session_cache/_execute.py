@@ -151,7 +151,7 @@ async def _fill_once(
         stored = store.put(
             key,
             rows,
-            tables_read(statement),
+            tables_read(statement, key),
             started_at=started_at,
             expiration_time=expiration_time,
         )

@@ -77,7 +77,7 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
     if store.put(
         key,
         rows,
-        tables_read(statement),
+        tables_read(statement, key),
         started_at=started_at,
         expiration_time=option.expiration_time,
     ):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Result, func, literal_column, select, text, type_coerce
+from sqlalchemy import Result, func, lambda_stmt, literal_column, select, text, type_coerce
 from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
@@ -277,6 +277,21 @@ async def test_textual_select_is_cached(cache: SessionCache, sql: SQLLog) -> Non
         queries = len(sql.selects)
         assert (await cached_execute(statement)).scalars().all() == first
         assert len(sql.selects) == queries
+
+
+async def test_lambda_statements_are_cached(cache: SessionCache, sql: SQLLog) -> None:
+    """A lambda_stmt SELECT is keyed on its closure values and cached like a select()."""
+
+    def by_id(user_id: int) -> Any:
+        return lambda_stmt(lambda: select(User).where(User.id == user_id))
+
+    async with cache.scope():
+        three = (await cached_execute(by_id(3))).scalar_one()
+        four = (await cached_execute(by_id(4))).scalar_one()
+        queries = len(sql.selects)
+        assert (await cached_execute(by_id(3))).scalar_one() is three
+        assert len(sql.selects) == queries
+    assert (three.id, four.id) == (3, 4)
 
 
 async def test_unknown_region_lists_the_configured_ones(cache: SessionCache) -> None:
