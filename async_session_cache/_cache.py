@@ -19,10 +19,12 @@ from typing import Final
 
 from dogpile.cache import CacheRegion, make_region
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+from sqlalchemy.util import await_only
 
 from ._exceptions import AsyncSessionCacheError, OutsideScopeError, UnknownRegionError
-from ._local import BACKEND_NAME, LocalStore, store_of
+from ._local import BACKEND_NAME, LocalStore, ScopedSessionBackend, store_of
 from ._options import serve_from_cache
+from ._shared import SharedRegion
 from ._stats import RegionStats
 
 LOCAL: Final = "local"
@@ -45,8 +47,13 @@ class SessionCache:
     """Scoped ``AsyncSession``s, each with its own local query cache, plus shared regions.
 
     ``session_factory`` is an ``async_sessionmaker``; ``regions`` maps names to configured
-    dogpile.cache ``CacheRegion``s. The name ``"local"`` is reserved for the per-session
+    dogpile.cache ``CacheRegion``s (``async_session_cache.memory``, ``dogpile.cache.memory``
+    or ``async_session_cache.redis``). The name ``"local"`` is reserved for the per-session
     region, whose values live on the scope's session and end with it.
+
+    ``timeout`` bounds every call to a network store (seconds; a mapping sets it per
+    region); ``lock_timeout`` bounds how long a cross-process fill lock is held and waited
+    for; after a store failure the region reads from the database for ``retry_interval``.
     """
 
     def __init__(
@@ -54,6 +61,9 @@ class SessionCache:
         session_factory: async_sessionmaker[AsyncSession],
         *,
         regions: Mapping[str, CacheRegion] | None = None,
+        timeout: float | Mapping[str, float] = 0.25,
+        lock_timeout: float = 5.0,
+        retry_interval: float = 1.0,
     ) -> None:
         shared = dict(regions or {})
         if LOCAL in shared:
@@ -72,6 +82,18 @@ class SessionCache:
         """Every region by name, ``"local"`` included."""
         self._stats = {name: RegionStats() for name in self.regions}
         self._stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+        self._shared = {
+            name: SharedRegion(
+                name,
+                region,
+                self._stats[name],
+                timeout=timeout if isinstance(timeout, int | float) else timeout.get(name, 0.25),
+                lock_timeout=lock_timeout,
+                retry_interval=retry_interval,
+            )
+            for name, region in shared.items()
+            if not isinstance(getattr(region, "actual_backend", None), ScopedSessionBackend)
+        }
 
     def _scope_key(self) -> Scope:
         scope = current_scope.get()
@@ -110,8 +132,30 @@ class SessionCache:
         if store is None:
             store = LocalStore(session, self, self._stats[LOCAL])
             store.listen("do_orm_execute", partial(serve_from_cache, store))
+            if self._shared:
+                store.on_commit = self._invalidate_shared
             self._stores.add(store)
         return store
+
+    def _invalidate_shared(self, tables: frozenset[str]) -> None:
+        """Inside ``commit()`` (SQLAlchemy's greenlet): invalidate ``tables`` in every
+        shared region before the commit returns to the caller."""
+        for shared in self._shared.values():
+            await_only(shared.bump(tables))
+
+    def shared(self, name: str) -> SharedRegion | None:
+        """The policy of shared region ``name``; None for the local region (and any region
+        configured on the session-local backend, as in SQLAlchemy's recipe)."""
+        if name not in self.regions:
+            raise UnknownRegionError(name, self.regions)
+        return self._shared.get(name)  # None: a region on the session-local backend
+
+    async def aclose(self) -> None:
+        """Close network clients of the shared regions bound to the running event loop."""
+        for shared in self._shared.values():
+            close = getattr(getattr(shared.store, "backend", None), "aclose", None)
+            if close is not None:
+                await close()
 
     def region(self, name: str) -> CacheRegion:
         """The region called ``name``; ``UnknownRegionError`` lists the configured ones."""
@@ -132,6 +176,10 @@ class SessionCache:
         held by them now).
         """
         report = {name: stats.snapshot() for name, stats in self._stats.items()}
+        for name, shared in self._shared.items():
+            report[name]["evictions"] = getattr(
+                getattr(shared.store, "backend", None), "evictions", 0
+            )
         stores = list(self._stores)
         report[LOCAL]["sessions"] = len(stores)
         report[LOCAL]["entries"] = sum(len(store.entries) for store in stores)

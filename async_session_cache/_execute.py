@@ -36,23 +36,28 @@ async def cached_execute(
     The key covers the statement's structure, bound values, loader and execution options.
     On a miss the statement runs on the scope's session (or ``session``), the buffered
     result is frozen and stored; a hit replays it without SQL, ORM instances being the
-    session's own. ``expiration_time`` (seconds) bounds how long the entry is served.
+    session's own. ``region`` names a shared region of the SessionCache (default: the
+    scope's local region); ``expiration_time`` (seconds) bounds how long the entry is served.
 
     Raises ``OutsideScopeError`` outside any scope, ``NotASelectError`` for writes and
     ``UnknownRegionError`` for a region the cache was not configured with. A SELECT that
     SQLAlchemy cannot key runs uncached with an ``UncacheableStatementWarning``.
     """
     store = _resolve_store(session, "cached_execute()")
-    store.owner.region(region)
+    shared = store.owner.shared(region)
     statement = require_select(statement)
     if expiration_time is not None and expiration_time <= 0:
         raise ValueError("expiration_time must be a positive number of seconds or None")
     await _flush_if_pending(store)
-    stats = store.stats
     key = None if must_read_live(statement) else _key_or_warn(statement)
     if key is None:
-        stats.bypasses += 1
+        (store.stats if shared is None else shared.stats).bypasses += 1
         return await _execute_uncached(store, statement)
+    if shared is not None:
+        result = await shared.execute(store, statement, key, expiration_time)
+        if result is not None:
+            return result
+    stats = store.stats
     rows = store.lookup(key)
     if rows is not None:
         stats.hits += 1
@@ -64,9 +69,14 @@ async def cached_execute(
 async def invalidate(statement: Executable, *, region: str = LOCAL) -> None:
     """Drop the cached result of ``statement`` in ``region`` for the current scope."""
     store = _resolve_store(None, "invalidate()")
-    store.owner.region(region)
-    key = statement_key(require_select(statement))
-    if key is not None and store.discard(key):
+    shared = store.owner.shared(region)
+    statement = require_select(statement)
+    key = statement_key(statement)
+    if key is None:
+        return
+    if shared is not None:
+        await shared.invalidate(store, statement, key)
+    elif store.discard(key):
         store.stats.invalidations += 1
 
 

@@ -17,11 +17,12 @@ import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from dogpile.cache import register_backend
 from dogpile.cache.api import NO_VALUE, CacheBackend, NoValue
 from sqlalchemy import event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
@@ -29,6 +30,9 @@ from ._exceptions import AsyncSessionCacheError
 from ._results import FrozenRows
 from ._statements import ALL_TABLES, tables_written_by_flush, tables_written_by_statement
 from ._stats import RegionStats
+
+if TYPE_CHECKING:
+    from ._cache import SessionCache
 
 INFO_KEY: Final = "async_session_cache.local"
 """Key of the ``LocalStore`` in ``Session.info``."""
@@ -49,7 +53,7 @@ class Entry:
 class LocalStore:
     """The cache of one session: entries, in-flight fills, and the session's writes."""
 
-    def __init__(self, session: AsyncSession, owner: Any, stats: RegionStats) -> None:
+    def __init__(self, session: AsyncSession, owner: SessionCache, stats: RegionStats) -> None:
         self.session = session
         self.owner = owner
         """The ``SessionCache`` that attached this store."""
@@ -64,6 +68,10 @@ class LocalStore:
         self.write_seq = 0
         self._last_write: dict[str, int] = {}
         self._transaction_writes: set[str] = set()
+        self.on_commit: Callable[[frozenset[str]], None] | None = None
+        """Called inside ``commit()`` with the tables the transaction wrote (the owner
+        invalidates shared regions there, so ``commit()`` returns only after that)."""
+        self._dialect: Dialect | None = None
         self._listeners: list[tuple[str, Callable[..., Any]]] = []
         self.listen("after_flush", self._after_flush)
         self.listen("do_orm_execute", self._on_execute)
@@ -75,6 +83,18 @@ class LocalStore:
         """Listen to a ``SessionEvents`` event of this session until the store closes."""
         event.listen(self.sync_session, name, listener)
         self._listeners.append((name, listener))
+
+    @property
+    def dialect(self) -> Dialect:
+        """The dialect the session's statements run on."""
+        if self._dialect is None:
+            self._dialect = self.sync_session.get_bind().dialect
+        return self._dialect
+
+    @property
+    def uncommitted_writes(self) -> set[str]:
+        """Tables written in the session's open transaction (``"*"``: any table)."""
+        return self._transaction_writes
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -152,6 +172,8 @@ class LocalStore:
             self.record_write(tables_written_by_statement(orm_execute_state.statement))
 
     def _after_commit(self, session: Session) -> None:
+        if self._transaction_writes and self.on_commit is not None:
+            self.on_commit(frozenset(self._transaction_writes))
         if not session.in_transaction():
             self._transaction_writes.clear()
 

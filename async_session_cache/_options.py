@@ -1,21 +1,23 @@
 """The ORM-option route: ``session.execute(stmt.options(FromCache(region)))``.
 
 A ``do_orm_execute`` listener on the sync ``Session`` (pitfall 2) serves statements carrying
-``FromCache`` from the session's local store, keyed on the final parameters and execution
-options of the execution. It runs inside SQLAlchemy's greenlet, so everything here is
-synchronous: no awaiting, no locks.
+``FromCache`` from the named region, keyed on the final parameters and execution options of
+the execution. It runs inside SQLAlchemy's greenlet: the local region is used synchronously,
+a shared region through ``await_only`` (its misses run the statement in a nested greenlet).
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState, UserDefinedOption
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._exceptions import UncacheableStatementWarning
-from ._local import LocalStore, ScopedSessionBackend
+from ._local import LocalStore
 from ._results import FrozenRows, has_pending_changes
 from ._statements import must_read_live, statement_key, tables_read
 
@@ -35,14 +37,12 @@ class FromCache(UserDefinedOption):
 
 def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute`` hook: a replayed result for ``FromCache`` statements, else None."""
-    if not orm_execute_state.is_select:
-        return None
+    if not orm_execute_state.is_select or orm_execute_state.is_relationship_load:
+        return None  # eager/lazy loads of relationships are RelationshipCache's business
     option = _from_cache_option(orm_execute_state)
     if option is None:
         return None
-    region = store.owner.region(option.region)
-    if not isinstance(region.backend, ScopedSessionBackend):
-        raise NotImplementedError("FromCache with a shared region is not supported yet")
+    shared = store.owner.shared(option.region)  # None: the session's local store
     statement = orm_execute_state.statement
     if must_read_live(statement):
         store.stats.bypasses += 1
@@ -53,7 +53,7 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
         {
             name: value
             for name, value in orm_execute_state.local_execution_options.items()
-            if not name.startswith("_sa")
+            if not name.startswith(("_", "sa_"))  # SQLAlchemy's own bookkeeping
         },
     )
     if key is None:
@@ -67,6 +67,18 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
     session = orm_execute_state.session
     if session.autoflush and has_pending_changes(session):
         session.flush()  # as execute() would, before looking anything up (pitfall 3)
+    if shared is not None:
+        result: Result[Any] | None = await_only(
+            shared.execute(
+                store,
+                statement,
+                key,
+                option.expiration_time,
+                run=partial(greenlet_spawn, orm_execute_state.invoke_statement),
+            )
+        )
+        if result is not None:
+            return result
     rows = store.lookup(key)
     if rows is not None:
         store.stats.hits += 1

@@ -20,7 +20,7 @@ from sqlalchemy.orm import InstanceState, Session
 class FrozenRows:
     """An immutable snapshot of a result, replayable as a fresh ``Result`` on each hit."""
 
-    __slots__ = ("_frozen", "_states", "_unique_guard", "row_count")
+    __slots__ = ("_states", "_unique_guard", "frozen", "row_count")
 
     def __init__(self, result: Result[Any]) -> None:
         unique_state = result._unique_filter_state
@@ -32,14 +32,14 @@ class FrozenRows:
         self._unique_guard: Callable[[Any], Any] | None = (
             unique_state[1] if unique_state is not None else None
         )
-        self._frozen = FrozenResult(result)
-        self._states = _instance_states(self._frozen)
-        self.row_count = len(self._frozen.data)
+        self.frozen = FrozenResult(result)
+        self._states = _instance_states(self.frozen)
+        self.row_count = len(self.frozen.data)
 
     def replay(self) -> Result[Any]:
         """A new ``Result`` over the frozen rows, as ``AsyncSession.execute`` would return."""
-        frozen = self._frozen
-        result = _ReplayResult(frozen.metadata, iter(frozen.data))
+        frozen = self.frozen
+        result = ReplayResult(frozen.metadata, iter(frozen.data))
         result._attributes = frozen._attributes
         result._source_supports_scalars = frozen._source_supports_scalars
         result._replay_metadata = frozen.metadata
@@ -60,12 +60,17 @@ class FrozenRows:
         return True
 
     @property
+    def requires_unique(self) -> bool:
+        """Whether the result, like the original, refuses rows until ``unique()``."""
+        return self._unique_guard is not None
+
+    @property
     def holds_instances(self) -> bool:
         """Whether the payload holds ORM instances (and so depends on session state)."""
         return bool(self._states)
 
 
-class _ReplayResult(IteratorResult[Any]):
+class ReplayResult(IteratorResult[Any]):
     """An ``IteratorResult`` whose raw rows are already finished ``Row`` objects.
 
     When nothing reshapes the rows (no ``columns()``, ``unique()``, scalar or mapping view),

@@ -46,14 +46,14 @@ def require_select(statement: object) -> Executable:
     raise NotASelectError(statement)
 
 
-def _resolved(statement: Executable) -> Any:
+def resolved(statement: Executable) -> Any:
     """The statement itself, or the one a ``lambda_stmt`` stands for."""
     return statement._resolved if isinstance(statement, StatementLambdaElement) else statement
 
 
 def must_read_live(statement: Executable) -> bool:
     """Whether the statement must reach the database: locking reads and fresh-read options."""
-    if getattr(_resolved(statement), "_for_update_arg", None) is not None:
+    if getattr(resolved(statement), "_for_update_arg", None) is not None:
         return True
     options = statement._execution_options
     return bool(options) and any(options.get(name) for name in _FRESH_READ_OPTIONS)
@@ -106,7 +106,7 @@ def tables_read(statement: Executable, key: Hashable) -> frozenset[str]:
     shape = key[0]  # type: ignore[index]
     tables = _tables_by_shape.get(shape)
     if tables is None:
-        tables = _tables_read(_resolved(statement))
+        tables = _tables_read(resolved(statement))
         if len(_tables_by_shape) >= _SHAPE_MEMO_SIZE:
             del _tables_by_shape[next(iter(_tables_by_shape))]
         _tables_by_shape[shape] = tables

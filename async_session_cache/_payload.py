@@ -1,0 +1,463 @@
+"""Shared-region payloads: a result as plain column data, rebuilt in the reader's session.
+
+A ``Payload`` holds no ORM instance and nothing session-bound: each entity is a record of its
+mapper's name, its column values and the entities its eagerly loaded relationships hold.
+A reader rebuilds the rows in its own session the way the ORM's loader does for a fresh
+instance (identity key, dict, identity map) but without SQL and without ``merge()``'s
+per-object cost; instances already in the session are reused, their unloaded attributes
+filled in.
+
+In process (memory regions) payloads are stored as they are; ``dumps``/``loads`` turn them
+into versioned JSON bytes for network stores. Nothing is unpickled: a payload that cannot be
+read (other version, foreign or truncated bytes, a mapper this process lacks) raises
+``UnreadablePayload``, which the policy treats as a miss.
+
+Uses SQLAlchemy private APIs (instance state internals, identity map, result internals).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import decimal
+import json
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy.engine import FrozenResult, IteratorResult, Result
+from sqlalchemy.orm import InstanceState, Mapper, Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from ._results import ReplayResult
+from ._shapes import PAYLOAD_VERSION, Shape
+
+MAGIC: Final = b"ASC"
+
+
+class UnreadablePayload(Exception):
+    """A stored payload this process cannot turn back into rows."""
+
+
+class UnencodableResult(Exception):
+    """A result holding something a payload cannot carry (an unsupported value type)."""
+
+
+class _Unloaded:
+    """Marks a column attribute that was not loaded on the cached instance."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNLOADED"
+
+
+UNLOADED: Final = _Unloaded()
+_MUTABLE: Final = (dict, list, set)
+
+
+@dataclass(slots=True, eq=False)
+class Payload:
+    """A result as plain data. ``rows`` cells in ``entity_columns`` are entity indexes."""
+
+    width: int
+    single_entity: bool
+    filtered: bool
+    requires_unique: bool
+    entity_columns: tuple[int, ...]
+    mappers: tuple[str, ...]
+    entities: tuple[tuple[int, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...]
+    rows: tuple[Any, ...]
+    has_mutable: bool
+    nbytes: int
+    _rows_cache: list[Any] | None = field(default=None, repr=False)
+
+
+def encode(frozen: FrozenResult[Any], requires_unique: bool, shape: Shape) -> Payload:
+    """Turn a frozen result (its rows already uniqued where required) into a payload."""
+    encoder = _Encoder(shape)
+    single = frozen._source_supports_scalars
+    if single:
+        rows: tuple[Any, ...] = tuple(encoder.cell(value) for value in frozen.data)
+        entity_columns: tuple[int, ...] = (0,) if encoder.records else ()
+        width = 1
+    else:
+        rows = tuple(tuple(encoder.cell(value) for value in row) for row in frozen.data)
+        entity_columns = tuple(sorted(encoder.entity_columns_of(frozen.data)))
+        width = len(shape.metadata.keys)
+    return Payload(
+        width=width,
+        single_entity=single,
+        filtered=bool(frozen._attributes.get("filtered", False)),
+        requires_unique=requires_unique,
+        entity_columns=entity_columns,
+        mappers=tuple(encoder.mapper_names),
+        entities=tuple(encoder.records),
+        rows=rows,
+        has_mutable=encoder.has_mutable,
+        nbytes=encoder.nbytes,
+    )
+
+
+class _Encoder:
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        self.records: list[Any] = []
+        self.mapper_names: list[str] = []
+        self._mapper_index: dict[Mapper[Any], int] = {}
+        self._entity_index: dict[int, int] = {}
+        self._entity_ids: set[int] = set()
+        self.has_mutable = False
+        self.nbytes = 64
+
+    def cell(self, value: Any) -> Any:
+        state = getattr(value, "_sa_instance_state", None)
+        if isinstance(state, InstanceState):
+            return self.entity(state)
+        self.value(value)
+        return value
+
+    def value(self, value: Any) -> None:
+        if isinstance(value, _MUTABLE):
+            self.has_mutable = True
+        self.nbytes += sys.getsizeof(value)
+
+    def entity(self, state: InstanceState[Any]) -> int:
+        index = self._entity_index.get(id(state))
+        if index is not None:
+            return index
+        if state.key is None:
+            raise UnencodableResult("a result row holds an instance that is not persistent")
+        mapper = state.mapper
+        mapper_index = self._mapper_index.get(mapper)
+        if mapper_index is None:
+            mapper_index = self._mapper_index[mapper] = len(self.mapper_names)
+            name = f"{mapper.class_.__module__}.{mapper.class_.__qualname__}"
+            if self.shape.mappers.get(name) is not mapper:
+                raise UnencodableResult(f"{name} is not reachable from the statement")
+            self.mapper_names.append(name)
+        index = self._entity_index[id(state)] = len(self.records)
+        self._entity_ids.add(index)
+        self.records.append(None)  # placeholder: relationships may refer back to it
+        dict_ = state.dict
+        values = tuple(dict_.get(key, UNLOADED) for key in self.shape.keys_of(mapper))
+        for value in values:
+            self.value(value)
+        relations: list[tuple[str, Any]] = []
+        for key in self.shape.captured(mapper):
+            if key not in dict_:
+                continue
+            loaded = dict_[key]
+            if loaded is None:
+                relations.append((key, None))
+            elif isinstance(loaded, list | set | tuple):
+                relations.append((key, [self.entity(_state_of(child)) for child in loaded]))
+            elif hasattr(loaded, "_sa_instance_state"):
+                relations.append((key, self.entity(_state_of(loaded))))
+            else:
+                raise UnencodableResult(f"relationship {key!r} holds a {type(loaded).__name__}")
+        self.records[index] = (mapper_index, values, tuple(relations))
+        return index
+
+    def entity_columns_of(self, data: Sequence[Any]) -> set[int]:
+        columns: set[int] = set()
+        for row in data:
+            for position, value in enumerate(row):
+                if hasattr(value, "_sa_instance_state"):
+                    columns.add(position)
+        return columns
+
+
+def _state_of(instance: Any) -> InstanceState[Any]:
+    state: InstanceState[Any] = instance._sa_instance_state
+    return state
+
+
+def materialize(payload: Payload, shape: Shape, session: Session) -> Result[Any]:
+    """Rebuild the payload's rows in ``session``: a ``Result`` as ``execute`` returns it."""
+    try:
+        instances = _Materializer(payload, shape, session).instances() if payload.entities else []
+        if payload.single_entity:
+            rows: list[Any] = [
+                instances[cell] if payload.entity_columns else cell for cell in payload.rows
+            ]
+        elif payload.entity_columns or payload.has_mutable:
+            columns = payload.entity_columns
+            thaw = copy.deepcopy if payload.has_mutable else _same
+            rows = [
+                tuple(
+                    (instances[cell] if cell is not None else None)
+                    if position in columns
+                    else thaw(cell)
+                    for position, cell in enumerate(row)
+                )
+                for row in payload.rows
+            ]
+        else:
+            rows = _plain_rows(payload, shape)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise UnreadablePayload(f"payload does not fit this process: {exc!r}") from exc
+    result = ReplayResult(shape.metadata, iter(rows))
+    result._source_supports_scalars = payload.single_entity
+    result._attributes = result._attributes.union(
+        {"filtered": payload.filtered, "is_single_entity": payload.single_entity}
+    )
+    if payload.requires_unique:
+        result._unique_filter_state = (set(), _require_unique)
+    if not payload.single_entity and not payload.entity_columns and not payload.has_mutable:
+        result._replay_metadata = shape.metadata  # rows are finished Row objects
+    return result
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _plain_rows(payload: Payload, shape: Shape) -> list[Any]:
+    """Rows of a payload without entities or mutable values as ``Row`` objects, built once
+    per payload object (in-process payloads are shared by every hit; rows are immutable)."""
+    rows = payload._rows_cache
+    if rows is None:
+        rows = payload._rows_cache = IteratorResult(shape.metadata, iter(payload.rows)).all()  # type: ignore[assignment]
+    return rows  # type: ignore[return-value]
+
+
+def _require_unique(row: Any) -> Any:
+    from sqlalchemy.exc import InvalidRequestError
+
+    raise InvalidRequestError(
+        "The unique() method must be invoked on this Result, as it contains results that "
+        "include joined eager loads against collections"
+    )
+
+
+class _Materializer:
+    def __init__(self, payload: Payload, shape: Shape, session: Session) -> None:
+        self.payload = payload
+        self.shape = shape
+        self.session = session
+        self.mappers = [shape.mappers[name] for name in payload.mappers]
+
+    def instances(self) -> list[Any]:
+        """Every entity record as an instance of the session: existing ones reused (their
+        unloaded attributes filled in), the others created persistent, without SQL."""
+        made: list[Any] = []
+        fresh: list[bool] = []
+        for mapper_index, values, _ in self.payload.entities:
+            mapper = self.mappers[mapper_index]
+            keys = self.shape.keys_of(mapper)
+            if len(keys) != len(values):
+                raise UnreadablePayload(f"{mapper} has {len(keys)} columns, payload {len(values)}")
+            identity = _identity_of(mapper, keys, values)
+            state = self.session.identity_map.fast_get_state(identity)
+            instance = state.obj() if state is not None else None
+            if instance is None:
+                made.append(self._create(mapper, identity, keys, values))
+                fresh.append(True)
+            else:
+                self._fill_unloaded(instance._sa_instance_state, keys, values)
+                made.append(instance)
+                fresh.append(False)
+        for instance, is_fresh, (_, _, relations) in zip(
+            made, fresh, self.payload.entities, strict=True
+        ):
+            if relations:
+                self._relate(made, instance, is_fresh, relations)
+        return made
+
+    def _value(self, value: Any) -> Any:
+        return copy.deepcopy(value) if self.payload.has_mutable else value
+
+    def _create(
+        self, mapper: Mapper[Any], identity: Any, keys: tuple[str, ...], values: tuple[Any, ...]
+    ) -> Any:
+        """A new persistent instance, as the ORM's loader makes one from a row."""
+        instance = mapper.class_manager.new_instance()
+        state: InstanceState[Any] = instance._sa_instance_state
+        dict_ = state.dict
+        for key, value in zip(keys, values, strict=True):
+            if value is not UNLOADED:
+                dict_[key] = self._value(value)
+        state.key = identity
+        state.identity_token = None
+        state.session_id = self.session.hash_key
+        self.session.identity_map._add_unpresent(state, identity)
+        return instance
+
+    def _fill_unloaded(
+        self, state: InstanceState[Any], keys: tuple[str, ...], values: tuple[Any, ...]
+    ) -> None:
+        """Give an instance already in the session the attributes it lacks, as a load would."""
+        unloaded = state.unloaded
+        if not unloaded:
+            return
+        dict_ = state.dict
+        filled = []
+        for key, value in zip(keys, values, strict=True):
+            if key in unloaded and value is not UNLOADED:
+                dict_[key] = self._value(value)
+                filled.append(key)
+        if filled:
+            state._commit(dict_, filled)
+
+    def _relate(
+        self,
+        made: list[Any],
+        instance: Any,
+        is_fresh: bool,
+        relations: tuple[tuple[str, Any], ...],
+    ) -> None:
+        """Set the eagerly loaded relationships the payload carries (unloaded ones only on
+        instances that were already in the session)."""
+        unloaded = None if is_fresh else instance._sa_instance_state.unloaded
+        for key, ref in relations:
+            if unloaded is not None and key not in unloaded:
+                continue
+            related: Any
+            if ref is None:
+                related = None
+            elif isinstance(ref, list):
+                related = [made[i] for i in ref]
+            else:
+                related = made[ref]
+            set_committed_value(instance, key, related)
+
+
+_pk_positions: dict[Mapper[Any], tuple[int, ...]] = {}
+
+
+def _identity_of(mapper: Mapper[Any], keys: tuple[str, ...], values: tuple[Any, ...]) -> Any:
+    positions = _pk_positions.get(mapper)
+    if positions is None:
+        pk_keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+        positions = _pk_positions[mapper] = tuple(keys.index(key) for key in pk_keys)
+    return (mapper._identity_class, tuple(values[p] for p in positions), None)
+
+
+# -- bytes for network stores -------------------------------------------------------------
+
+
+def dumps(tokens: Sequence[str], payload: Payload) -> bytes:
+    """The versioned JSON envelope of ``payload`` filled under table ``tokens``."""
+    body = [
+        list(tokens),
+        payload.width,
+        payload.single_entity,
+        payload.filtered,
+        payload.requires_unique,
+        list(payload.entity_columns),
+        list(payload.mappers),
+        [
+            [mapper, [_to_json(v) for v in values], [[k, r] for k, r in relations]]
+            for mapper, values, relations in payload.entities
+        ],
+        _rows_to_json(payload),
+    ]
+    header = MAGIC + str(PAYLOAD_VERSION).encode() + b"\n"
+    return header + json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+
+
+def loads(data: bytes) -> tuple[tuple[str, ...], Payload]:
+    """The tokens and payload of an envelope; ``UnreadablePayload`` for anything else."""
+    header = MAGIC + str(PAYLOAD_VERSION).encode() + b"\n"
+    if not isinstance(data, bytes) or not data.startswith(header):
+        raise UnreadablePayload("not a payload of this version")
+    try:
+        (tokens, width, single, filtered, unique, entity_columns, mappers, entities, rows) = (
+            json.loads(data[len(header) :])
+        )
+        columns = tuple(int(c) for c in entity_columns)
+        payload = Payload(
+            width=int(width),
+            single_entity=bool(single),
+            filtered=bool(filtered),
+            requires_unique=bool(unique),
+            entity_columns=columns,
+            mappers=tuple(str(m) for m in mappers),
+            entities=tuple(
+                (
+                    int(mapper),
+                    tuple(_from_json(v) for v in values),
+                    tuple((str(k), r) for k, r in relations),
+                )
+                for mapper, values, relations in entities
+            ),
+            rows=_rows_from_json(rows, bool(single), columns),
+            has_mutable=False,
+            nbytes=len(data),
+        )
+        return tuple(str(t) for t in tokens), payload
+    except UnreadablePayload:
+        raise
+    except Exception as exc:  # any malformed JSON/structure is unreadable, never a crash
+        raise UnreadablePayload(f"malformed payload: {exc!r}") from exc
+
+
+def _rows_to_json(payload: Payload) -> list[Any]:
+    if payload.single_entity:
+        return [cell if payload.entity_columns else _to_json(cell) for cell in payload.rows]
+    columns = payload.entity_columns
+    return [
+        [cell if position in columns else _to_json(cell) for position, cell in enumerate(row)]
+        for row in payload.rows
+    ]
+
+
+def _rows_from_json(rows: list[Any], single: bool, columns: tuple[int, ...]) -> tuple[Any, ...]:
+    if single:
+        return tuple(cell if columns else _from_json(cell) for cell in rows)
+    return tuple(
+        tuple(
+            cell if position in columns else _from_json(cell) for position, cell in enumerate(row)
+        )
+        for row in rows
+    )
+
+
+_ENCODERS: dict[type, Callable[[Any], Any]] = {
+    bytes: lambda v: {"$b": base64.b64encode(v).decode()},
+    datetime.datetime: lambda v: {"$dt": v.isoformat()},
+    datetime.date: lambda v: {"$d": v.isoformat()},
+    datetime.time: lambda v: {"$t": v.isoformat()},
+    datetime.timedelta: lambda v: {"$td": [v.days, v.seconds, v.microseconds]},
+    decimal.Decimal: lambda v: {"$dec": str(v)},
+    uuid.UUID: lambda v: {"$u": str(v)},
+}
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "$b": lambda v: base64.b64decode(v),
+    "$dt": datetime.datetime.fromisoformat,
+    "$d": datetime.date.fromisoformat,
+    "$t": datetime.time.fromisoformat,
+    "$td": lambda v: datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2]),
+    "$dec": decimal.Decimal,
+    "$u": uuid.UUID,
+    "$x": lambda v: UNLOADED,
+    "$o": lambda v: {k: _from_json(item) for k, item in v.items()},
+}
+
+
+def _to_json(value: Any) -> Any:
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if value is UNLOADED:
+        return {"$x": 1}
+    if isinstance(value, list | tuple):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"$o": {k: _to_json(item) for k, item in value.items()}}
+    encoder = _ENCODERS.get(type(value))
+    if encoder is None:
+        raise UnencodableResult(f"cannot store a {type(value).__name__} value in a shared region")
+    return encoder(value)
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        ((tag, inner),) = value.items()
+        return _DECODERS[tag](inner)
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
