@@ -144,7 +144,11 @@ class SharedRegion:
     async def _read(
         self, skey: str, token_keys: list[str]
     ) -> tuple[Stored | None, list[str | None]] | _Failed:
-        found = await self._guard(self.store.read(skey, token_keys))
+        try:
+            found = await self._guard(self.store.read(skey, token_keys))
+        except UnreadablePayload:
+            self.stats.errors += 1  # foreign, truncated or old bytes: a miss, never a crash
+            return None, [None] * len(token_keys)
         if isinstance(found, _Failed):
             return found
         payload, stored_tokens, current = found
@@ -228,9 +232,13 @@ class SharedRegion:
                 self._warn_once(shape.digest, f"{exc}; it is not cached")
             if payload is not None and tokens is not None:
                 ttl = expiration_time if expiration_time is not None else self.default_ttl
-                written = await self._guard(
-                    self.store.write(skey, payload, token_keys, tokens, ttl)
-                )
+                try:
+                    written = await self._guard(
+                        self.store.write(skey, payload, token_keys, tokens, ttl)
+                    )
+                except UnencodableResult as exc:
+                    self._warn_once(shape.digest, f"{exc}; it is not cached")
+                    written = FAILED
                 if isinstance(written, int):
                     self.stats.fills += 1
                     self.stats.bytes += written
@@ -332,6 +340,8 @@ class SharedRegion:
                     value = await operation
             else:
                 value = await operation
+        except (UnreadablePayload, UnencodableResult):
+            raise  # the store answered; the data is the problem, not the store
         except Exception as exc:
             self._fault(exc)
             return FAILED

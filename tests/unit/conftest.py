@@ -6,11 +6,13 @@ PostgreSQL through asyncpg, started by the tests (see ``tests/conftest.py``).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dogpile.cache import CacheRegion, make_region
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -71,3 +73,28 @@ def cache(engine: AsyncEngine) -> SessionCache:
 def expiring_cache(engine: AsyncEngine) -> SessionCache:
     """A SessionCache whose sessions expire instances on commit (SQLAlchemy's default)."""
     return SessionCache(async_sessionmaker(engine, expire_on_commit=True))
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def shared_region(request: pytest.FixtureRequest) -> CacheRegion:
+    """A shared region on each store: the bounded in-process LRU and a real redis-server
+    (keys under a prefix of their own, so tests never see each other's entries)."""
+    if request.param == "memory":
+        return make_region().configure("async_session_cache.memory")
+    server = request.getfixturevalue("redis_server")
+    return make_region().configure(
+        "async_session_cache.redis",
+        arguments={"url": server.url, "prefix": f"test-{uuid.uuid4().hex}", "timeout": 2.0},
+    )
+
+
+@pytest.fixture
+async def shared_cache(
+    engine: AsyncEngine, shared_region: CacheRegion
+) -> AsyncIterator[SessionCache]:
+    """A SessionCache with one shared region, "shared", on each store."""
+    cache = SessionCache(
+        async_sessionmaker(engine, expire_on_commit=False), regions={"shared": shared_region}
+    )
+    yield cache
+    await cache.aclose()
