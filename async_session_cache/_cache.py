@@ -92,7 +92,7 @@ class SessionCache:
                 retry_interval=retry_interval,
             )
             for name, region in shared.items()
-            if not isinstance(getattr(region, "actual_backend", None), ScopedSessionBackend)
+            if not (region.is_configured and isinstance(region.actual_backend, ScopedSessionBackend))
         }
 
     def _scope_key(self) -> Scope:

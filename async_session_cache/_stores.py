@@ -170,9 +170,9 @@ register_backend(REDIS_BACKEND_NAME, "async_session_cache._redis", "AsyncRedisBa
 
 def store_for(name: str, region: CacheRegion) -> Store:
     """The store adapter for ``region``'s backend; a clear error for unsupported ones."""
-    backend = getattr(region, "actual_backend", None)
-    if backend is None:
+    if not region.is_configured:
         raise AsyncSessionCacheError(f"region {name!r} is not configured (call .configure())")
+    backend = region.actual_backend
     if type(backend).__module__ == "async_session_cache._redis":
         from ._redis import RedisStore
 
