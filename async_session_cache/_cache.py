@@ -92,7 +92,9 @@ class SessionCache:
                 retry_interval=retry_interval,
             )
             for name, region in shared.items()
-            if not (region.is_configured and isinstance(region.actual_backend, ScopedSessionBackend))
+            if not (
+                region.is_configured and isinstance(region.actual_backend, ScopedSessionBackend)
+            )
         }
 
     def _scope_key(self) -> Scope:

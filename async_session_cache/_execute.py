@@ -8,7 +8,6 @@ tasks share the session: pitfall 7), and concurrent misses of one key share one 
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from collections.abc import Hashable
 from typing import Any
@@ -19,6 +18,7 @@ from sqlalchemy.sql import Executable
 
 from ._cache import LOCAL, SessionCache, current_scope
 from ._exceptions import OutsideScopeError, UncacheableStatementWarning
+from ._flight import run_once
 from ._local import LocalStore, store_of
 from ._results import FrozenRows, has_pending_changes
 from ._statements import must_read_live, require_select, statement_key, tables_read
@@ -139,43 +139,24 @@ async def _fill_once(
     expiration_time: float | None,
 ) -> FrozenRows:
     """Run the query for ``key`` once, however many tasks miss it at the same time."""
-    while (pending := store.inflight.get(key)) is not None:
-        try:
-            rows = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if pending.cancelled() and task is not None and not task.cancelling():
-                continue  # the filling task was cancelled, not us: fill it ourselves
-            raise
-        store.stats.coalesced += 1
-        return rows
 
-    future: asyncio.Future[FrozenRows] = asyncio.get_running_loop().create_future()
-    store.inflight[key] = future
-    try:
+    async def fill() -> FrozenRows:
         async with store.lock:
             started_at = store.write_seq
             result = await store.session.execute(statement)
             rows = FrozenRows(result)
         store.stats.misses += 1
-        stored = store.put(
+        if store.put(
             key,
             rows,
             tables_read(statement, key),
             started_at=started_at,
             expiration_time=expiration_time,
-        )
-        if stored:
+        ):
             store.stats.fills += 1
-        future.set_result(rows)
         return rows
-    except asyncio.CancelledError:
-        future.cancel()
-        raise
-    except BaseException as exc:
-        future.set_exception(exc)
-        future.exception()  # waiters re-raise it; nobody waiting is not an error
-        raise
-    finally:
-        if store.inflight.get(key) is future:
-            del store.inflight[key]
+
+    rows, ran = await run_once(store.inflight, key, fill)
+    if not ran:
+        store.stats.coalesced += 1
+    return rows

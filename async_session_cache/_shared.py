@@ -31,6 +31,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
 
 from ._exceptions import UncacheableStatementWarning
+from ._flight import run_once
 from ._local import LocalStore
 from ._payload import Payload, UnencodableResult, UnreadablePayload, encode, materialize
 from ._results import FrozenRows
@@ -91,7 +92,7 @@ class SharedRegion:
         self.retry_interval = retry_interval
         expiration = region.expiration_time
         self.default_ttl: float | None = expiration if expiration and expiration > 0 else None
-        self.inflight: dict[str, asyncio.Future[Payload | None]] = {}
+        self.inflight: dict[Hashable, asyncio.Future[Payload | None]] = {}
         self._token_keys: dict[frozenset[str], list[str]] = {}
         self._outage_since: float | None = None
         self._retry_at = 0.0
@@ -129,11 +130,8 @@ class SharedRegion:
             if not isinstance(found, _Failed):
                 stored, current = found
                 if stored is not None and stored.tokens == tuple(current):
-                    try:
-                        result = materialize(stored.payload, shape, local.sync_session)
-                    except UnreadablePayload:
-                        self.stats.errors += 1
-                    else:
+                    result = self._rebuild(stored.payload, shape, local)
+                    if result is not None:
                         self.stats.hits += 1
                         return result
                 if None not in current:
@@ -166,42 +164,26 @@ class SharedRegion:
         expiration_time: float | None,
         run: RunQuery,
     ) -> Result[Any]:
-        while (pending := self.inflight.get(skey)) is not None:
-            try:
-                payload = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if pending.cancelled() and task is not None and not task.cancelling():
-                    continue  # the filling task was cancelled, not us
-                raise
-            if payload is None:
-                break  # the filler could not share its rows: read for ourselves
-            try:
-                result = materialize(payload, shape, local.sync_session)
-            except UnreadablePayload:
-                break
-            self.stats.coalesced += 1
-            return result
-        else:
-            future: asyncio.Future[Payload | None] = asyncio.get_running_loop().create_future()
-            self.inflight[skey] = future
-            try:
-                result, payload = await self._fill(
-                    local, shape, skey, token_keys, tokens, expiration_time, run
-                )
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # waiters re-raise it; nobody waiting is not an error
-                raise
-            finally:
-                if self.inflight.get(skey) is future:
-                    del self.inflight[skey]
-            future.set_result(payload)
-            return result
-        self.stats.misses += 1
+        """Fill ``skey`` once per process; waiters rebuild the filler's payload."""
+        filled: Result[Any] | None = None
+
+        async def fill() -> Payload | None:
+            nonlocal filled
+            filled, payload = await self._fill(
+                local, shape, skey, token_keys, tokens, expiration_time, run
+            )
+            return payload
+
+        payload, ran = await run_once(self.inflight, skey, fill)
+        if ran:
+            assert filled is not None
+            return filled
+        if payload is not None:
+            result = self._rebuild(payload, shape, local)
+            if result is not None:
+                self.stats.coalesced += 1
+                return result
+        self.stats.misses += 1  # the filler could not share its rows: read for ourselves
         return await run()
 
     async def _fill(
@@ -262,9 +244,8 @@ class SharedRegion:
                 return None
             stored, current = found
             if stored is not None and stored.tokens == tuple(current):
-                try:
-                    result = materialize(stored.payload, shape, local.sync_session)
-                except UnreadablePayload:
+                result = self._rebuild(stored.payload, shape, local)
+                if result is None:
                     return None
                 self.stats.coalesced += 1
                 return result, stored.payload
@@ -309,6 +290,14 @@ class SharedRegion:
         return True
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _rebuild(self, payload: Payload, shape: Shape, local: LocalStore) -> Result[Any] | None:
+        """The payload's rows in the caller's session; None (counted) if it cannot be read."""
+        try:
+            return materialize(payload, shape, local.sync_session)
+        except UnreadablePayload:
+            self.stats.errors += 1
+            return None
 
     def _keys_for(self, tables: frozenset[str]) -> list[str]:
         keys = self._token_keys.get(tables)
