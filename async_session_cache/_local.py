@@ -48,6 +48,8 @@ class Entry:
     rows: FrozenRows
     tables: frozenset[str]
     expires_at: float
+    filled_at: int
+    """The store's ``write_seq`` when the fill started."""
 
 
 class LocalStore:
@@ -68,6 +70,8 @@ class LocalStore:
         self.write_seq = 0
         self._last_write: dict[str, int] = {}
         self._transaction_writes: set[str] = set()
+        self._first_write_at: int | None = None
+        """``write_seq`` of the open transaction's first write."""
         self.on_commit: Callable[[frozenset[str]], None] | None = None
         """Called inside ``commit()`` with the tables the transaction wrote (the owner
         invalidates shared regions there, so ``commit()`` returns only after that)."""
@@ -125,7 +129,7 @@ class LocalStore:
         if self._written_since(started_at, tables):
             return False
         expires_at = math.inf if expiration_time is None else time.monotonic() + expiration_time
-        self.entries[key] = Entry(rows, tables, expires_at)
+        self.entries[key] = Entry(rows, tables, expires_at, started_at)
         return True
 
     def discard(self, key: Hashable) -> bool:
@@ -149,43 +153,54 @@ class LocalStore:
         self.write_seq += 1
         for table in tables:
             self._last_write[table] = self.write_seq
+        if self._first_write_at is None:
+            self._first_write_at = self.write_seq
         self._transaction_writes |= tables
-        self._drop_reading(tables)
+        self._drop(lambda entry: _reads_any(entry, tables))
 
-    def _drop_reading(self, tables: set[str] | frozenset[str]) -> None:
-        everything = ALL_TABLES in tables
-        stale = [
-            key
-            for key, entry in self.entries.items()
-            if isinstance(entry, Entry)
-            and (everything or ALL_TABLES in entry.tables or not entry.tables.isdisjoint(tables))
+    def _drop(self, stale: Callable[[Entry], bool]) -> None:
+        keys = [
+            key for key, entry in self.entries.items() if isinstance(entry, Entry) and stale(entry)
         ]
-        for key in stale:
+        for key in keys:
             del self.entries[key]
-        self.stats.invalidations += len(stale)
+        self.stats.invalidations += len(keys)
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
         self.record_write(tables_written_by_flush(flush_context))
 
     def _on_execute(self, orm_execute_state: ORMExecuteState) -> None:
         if not orm_execute_state.is_select:
-            self.record_write(tables_written_by_statement(orm_execute_state.statement))
+            self.record_write(
+                tables_written_by_statement(
+                    orm_execute_state.statement, orm_execute_state.execution_options
+                )
+            )
 
     def _after_commit(self, session: Session) -> None:
         if self._transaction_writes and self.on_commit is not None:
             self.on_commit(frozenset(self._transaction_writes))
         if not session.in_transaction():
-            self._transaction_writes.clear()
+            self._end_transaction()
 
     def _after_rollback(self, session: Session, previous: SessionTransaction) -> None:
-        # Entries filled after a write may hold the discarded rows; drop them all.
-        if self._transaction_writes:
+        # Every entry filled since the transaction's first write may hold rows the rollback
+        # discarded, and so may any entry reading a table it wrote: drop them all.
+        first_write_at = self._first_write_at
+        if first_write_at is not None:
+            written = frozenset(self._transaction_writes)
             self.write_seq += 1
-            for table in self._transaction_writes:
+            for table in written:
                 self._last_write[table] = self.write_seq
-            self._drop_reading(self._transaction_writes)
+            self._drop(
+                lambda entry: entry.filled_at >= first_write_at or _reads_any(entry, written)
+            )
         if not session.in_transaction():
-            self._transaction_writes.clear()
+            self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self._transaction_writes.clear()
+        self._first_write_at = None
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -199,6 +214,11 @@ class LocalStore:
             if event.contains(self.sync_session, name, listener):
                 event.remove(self.sync_session, name, listener)
         self.sync_session.info.pop(INFO_KEY, None)
+
+
+def _reads_any(entry: Entry, tables: frozenset[str] | set[str]) -> bool:
+    """Whether ``entry`` depends on one of ``tables`` (``ALL_TABLES`` on either side: yes)."""
+    return ALL_TABLES in tables or ALL_TABLES in entry.tables or not entry.tables.isdisjoint(tables)
 
 
 def store_of(session: AsyncSession) -> LocalStore | None:

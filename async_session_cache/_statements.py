@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Final
 
-from sqlalchemy import inspect
+from sqlalchemy import Table, inspect
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ClauseElement
@@ -133,12 +133,21 @@ def _tables_read(statement: Executable) -> frozenset[str]:
     return frozenset(names)
 
 
-def tables_written_by_statement(statement: Executable) -> frozenset[str]:
+WRITES_OPTION: Final = "cache_writes"
+"""Execution option declaring what a ``text()`` statement writes: table names or ``Table``
+objects (an empty tuple: nothing), e.g. ``text("UPDATE ...").execution_options(
+cache_writes=["users"])``."""
+
+
+def tables_written_by_statement(
+    statement: Executable, execution_options: Mapping[str, Any]
+) -> frozenset[str]:
     """Names of the tables an executed non-SELECT statement may change.
 
     INSERT/UPDATE/DELETE (Core or ORM bulk) write their target table and, for ORM entities,
     the entity's inheritance tables. ``text()``, DDL and anything else unknown may write any
-    table, so they return ``ALL_TABLES``.
+    table, so they return ``ALL_TABLES`` unless the ``cache_writes`` execution option
+    declares the tables.
     """
     if getattr(statement, "is_select", False):
         return frozenset()
@@ -150,6 +159,11 @@ def tables_written_by_statement(statement: Executable) -> frozenset[str]:
         if isinstance(mapper, Mapper):
             names |= _mapper_tables(mapper)
         return frozenset(names)
+    declared = execution_options.get(WRITES_OPTION)
+    if declared is not None:
+        if isinstance(declared, str | Table):
+            declared = [declared]
+        return frozenset(t if isinstance(t, str) else t.fullname for t in declared)
     return frozenset({ALL_TABLES})
 
 

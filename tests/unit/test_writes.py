@@ -212,3 +212,41 @@ async def test_another_session_commit_is_not_this_scopes_business(
     async with cache.scope():
         name = (await cached_execute(select(User.name).where(User.id == 3))).scalar_one()
     assert name == "elsewhere"
+
+
+async def test_rollback_drops_every_entry_filled_after_the_first_write(
+    cache: SessionCache, sql: SQLLog
+) -> None:
+    """Entries filled inside a rolled-back transaction after its first write are dropped."""
+    tags = select(Tag.label).order_by(Tag.id)
+    async with cache.scope() as session:
+        before = select(User.id).where(User.id == 1)
+        await cached_execute(before)
+        session.add(Audit(note="first write"))
+        await session.flush()
+        await cached_execute(tags)  # filled after the first write, reads another table
+        await session.rollback()
+        queries = len(sql.selects)
+        await cached_execute(before)  # filled before the write: still served
+        assert len(sql.selects) == queries
+        await cached_execute(tags)
+        assert len(sql.selects) == queries + 1
+
+
+async def test_text_writes_can_declare_their_tables(cache: SessionCache, sql: SQLLog) -> None:
+    """A text() write with cache_writes drops only the declared tables' entries."""
+    async with cache.scope() as session:
+        await cached_execute(select(User.id))
+        await cached_execute(select(Tag.id))
+        await session.execute(
+            text("UPDATE tags SET label = 'y'").execution_options(cache_writes=["tags"])
+        )
+        queries = len(sql.selects)
+        await cached_execute(select(User.id))
+        assert len(sql.selects) == queries
+        assert set((await cached_execute(select(Tag.label))).scalars()) == {"y"}
+        await session.execute(
+            text("UPDATE audit SET note = 'n'").execution_options(cache_writes=[Audit.__table__])
+        )
+        await cached_execute(select(User.id))
+        assert len(sql.selects) == queries + 1
