@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from dogpile.cache import CacheRegion, make_region
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
@@ -170,6 +170,18 @@ class SessionCache:
         """The live counters of region ``name``."""
         self.region(name)
         return self._stats[name]
+
+    def statement_stats(self) -> dict[str, list[dict[str, Any]]]:
+        """Per region, the counters of each statement shape read through it: ``statement``
+        (its SQL, shortened), hits, misses, fills, invalidations (entries dropped, or found
+        stale in a shared region), bytes, and ``mean_fill_ms`` of the queries run to fill."""
+        return {
+            name: [
+                {"statement": counters.label, **counters.snapshot()}
+                for counters in stats.statements.values()
+            ]
+            for name, stats in self._stats.items()
+        }
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters per region: hits, misses, coalesced, fills, invalidations, bypasses.

@@ -8,6 +8,7 @@ tasks share the session: pitfall 7), and concurrent misses of one key share one 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Hashable
 from typing import Any
@@ -57,10 +58,9 @@ async def cached_execute(
         result = await shared.execute(store, statement, key, expiration_time)
         if result is not None:
             return result
-    stats = store.stats
     rows = store.lookup(key)
     if rows is not None:
-        stats.hits += 1
+        store.stats.of(key, statement).hit()
         return rows.replay()
     rows = await _fill_once(store, key, statement, expiration_time)
     return rows.replay()
@@ -77,7 +77,7 @@ async def invalidate(statement: Executable, *, region: str = LOCAL) -> None:
     if shared is not None:
         await shared.invalidate(store, statement, key)
     elif store.discard(key):
-        store.stats.invalidations += 1
+        store.stats.invalidated(key)
 
 
 def _resolve_store(session: AsyncSession | None, caller: str) -> LocalStore:
@@ -140,12 +140,15 @@ async def _fill_once(
 ) -> FrozenRows:
     """Run the query for ``key`` once, however many tasks miss it at the same time."""
 
+    counters = store.stats.of(key, statement)
+
     async def fill() -> FrozenRows:
         async with store.lock:
             started_at = store.write_seq
+            began = time.perf_counter()
             result = await store.session.execute(statement)
             rows = FrozenRows(result)
-        store.stats.misses += 1
+        counters.miss(time.perf_counter() - began)
         if store.put(
             key,
             rows,
@@ -153,7 +156,7 @@ async def _fill_once(
             started_at=started_at,
             expiration_time=expiration_time,
         ):
-            store.stats.fills += 1
+            counters.fill()
         return rows
 
     rows, ran = await run_once(store.inflight, key, fill)

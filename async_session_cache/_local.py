@@ -164,7 +164,7 @@ class LocalStore:
         ]
         for key in keys:
             del self.entries[key]
-        self.stats.invalidations += len(keys)
+            self.stats.invalidated(key)
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
         self.record_write(tables_written_by_flush(flush_context))

@@ -8,6 +8,7 @@ a shared region through ``await_only`` (its misses run the statement in a nested
 
 from __future__ import annotations
 
+import time
 import warnings
 from functools import partial
 from typing import Any
@@ -79,13 +80,15 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
         )
         if result is not None:
             return result
+    counters = store.stats.of(key, statement)
     rows = store.lookup(key)
     if rows is not None:
-        store.stats.hits += 1
+        counters.hit()
         return rows.replay()
     started_at = store.write_seq
+    began = time.perf_counter()
     rows = FrozenRows(orm_execute_state.invoke_statement())
-    store.stats.misses += 1
+    counters.miss(time.perf_counter() - began)
     if store.put(
         key,
         rows,
@@ -93,7 +96,7 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
         started_at=started_at,
         expiration_time=option.expiration_time,
     ):
-        store.stats.fills += 1
+        counters.fill()
     return rows.replay()
 
 

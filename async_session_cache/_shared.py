@@ -24,6 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from dogpile.cache import CacheRegion
@@ -37,8 +38,8 @@ from ._payload import Payload, UnencodableResult, UnreadablePayload, encode, mat
 from ._results import FrozenRows
 from ._shapes import Shape, UnstableKeyError, shape_of, stable_key
 from ._statements import ALL_TABLES
-from ._stats import RegionStats
-from ._stores import Stored, store_for
+from ._stats import RegionStats, StatementStats
+from ._stores import store_for
 
 logger = logging.getLogger("async_session_cache")
 
@@ -123,115 +124,111 @@ class SharedRegion:
                 "it is cached in the local region only",
             )
             return None
-        token_keys = self._keys_for(shape.tables)
-        tokens: list[str] | None = None
+        call = _Call(
+            local=local,
+            shape=shape,
+            skey=skey,
+            token_keys=self._keys_for(shape.tables),
+            expiration_time=expiration_time,
+            run=run or _default_run(local, statement),
+            counters=self.stats.of(key, statement),
+        )
         if not self._pending_bumps or await self._pending_bumps_written():
-            found = await self._read(skey, token_keys)
-            if not isinstance(found, _Failed):
-                stored, current = found
-                if stored is not None and stored.tokens == tuple(current):
-                    result = self._rebuild(stored.payload, shape, local)
-                    if result is not None:
-                        self.stats.hits += 1
-                        return result
-                if None not in current:
-                    tokens = current  # type: ignore[assignment]
-        run = run or _default_run(local, statement)
-        return await self._fill_once(local, shape, skey, token_keys, tokens, expiration_time, run)
+            found = await self._read(call)
+            if found is not None:
+                call.counters.hit()
+                return found[0]
+        return await self._fill_once(call)
 
-    async def _read(
-        self, skey: str, token_keys: list[str]
-    ) -> tuple[Stored | None, list[str | None]] | _Failed:
+    async def _read(self, call: _Call) -> tuple[Result[Any], Payload] | None:
+        """The current entry of ``call`` rebuilt in its session, if there is one; notes the
+        tables' current tokens on ``call`` for a fill."""
         try:
-            found = await self._guard(self.store.read(skey, token_keys))
+            found = await self._guard(self.store.read(call.skey, call.token_keys))
         except UnreadablePayload:
             self.stats.errors += 1  # foreign, truncated or old bytes: a miss, never a crash
-            return None, [None] * len(token_keys)
+            return None
         if isinstance(found, _Failed):
-            return found
+            return None
         payload, stored_tokens, current = found
+        if None not in current:
+            call.tokens = current  # type: ignore[assignment]
         if payload is None or stored_tokens is None:
-            return None, current
-        return Stored(stored_tokens, 0.0, payload), current
+            return None
+        if stored_tokens != tuple(current):
+            call.counters.invalidations += 1  # filled before a commit to one of its tables
+            return None
+        result = self._rebuild(payload, call)
+        return None if result is None else (result, payload)
 
-    async def _fill_once(
-        self,
-        local: LocalStore,
-        shape: Shape,
-        skey: str,
-        token_keys: list[str],
-        tokens: list[str] | None,
-        expiration_time: float | None,
-        run: RunQuery,
-    ) -> Result[Any]:
-        """Fill ``skey`` once per process; waiters rebuild the filler's payload."""
+    async def _fill_once(self, call: _Call) -> Result[Any]:
+        """Fill ``call``'s key once per process; waiters rebuild the filler's payload."""
         filled: Result[Any] | None = None
 
         async def fill() -> Payload | None:
             nonlocal filled
-            filled, payload = await self._fill(
-                local, shape, skey, token_keys, tokens, expiration_time, run
-            )
+            filled, payload = await self._fill(call)
             return payload
 
-        payload, ran = await run_once(self.inflight, skey, fill)
+        payload, ran = await run_once(self.inflight, call.skey, fill)
         if ran:
             assert filled is not None
             return filled
         if payload is not None:
-            result = self._rebuild(payload, shape, local)
+            result = self._rebuild(payload, call)
             if result is not None:
                 self.stats.coalesced += 1
                 return result
-        self.stats.misses += 1  # the filler could not share its rows: read for ourselves
-        return await run()
+        return await self._timed_run(call)  # the filler could not share its rows
 
-    async def _fill(
-        self,
-        local: LocalStore,
-        shape: Shape,
-        skey: str,
-        token_keys: list[str],
-        tokens: list[str] | None,
-        expiration_time: float | None,
-        run: RunQuery,
-    ) -> tuple[Result[Any], Payload | None]:
-        lock = await self._guard(self.store.acquire(skey, self.lock_timeout))
+    async def _fill(self, call: _Call) -> tuple[Result[Any], Payload | None]:
+        """Run the query (under the cross-process fill lock) and store its payload."""
+        lock = await self._guard(self.store.acquire(call.skey, self.lock_timeout))
         if lock is None:
-            filled = await self._wait_for_other_process(local, shape, skey, token_keys)
+            filled = await self._wait_for_other_process(call)
             if filled is not None:
+                self.stats.coalesced += 1
                 return filled
         try:
-            if tokens is None:
-                ensured = await self._guard(self.store.ensure_tokens(token_keys))
-                tokens = None if isinstance(ensured, _Failed) else ensured
-            rows = FrozenRows(await run())
-            self.stats.misses += 1
-            payload: Payload | None = None
-            try:
-                payload = encode(rows.frozen, rows.requires_unique, shape)
-            except UnencodableResult as exc:
-                self._warn_once(shape.digest, f"{exc}; it is not cached")
-            if payload is not None and tokens is not None:
-                ttl = expiration_time if expiration_time is not None else self.default_ttl
-                try:
-                    written = await self._guard(
-                        self.store.write(skey, payload, token_keys, tokens, ttl)
-                    )
-                except UnencodableResult as exc:
-                    self._warn_once(shape.digest, f"{exc}; it is not cached")
-                    written = FAILED
-                if isinstance(written, int):
-                    self.stats.fills += 1
-                    self.stats.bytes += written
+            if call.tokens is None:
+                ensured = await self._guard(self.store.ensure_tokens(call.token_keys))
+                call.tokens = None if isinstance(ensured, _Failed) else ensured
+            rows = FrozenRows(await self._timed_run(call))
+            payload = await self._store(call, rows)
             return rows.replay(), payload
         finally:
             if isinstance(lock, str):
-                await self._guard(self.store.release(skey, lock))
+                await self._guard(self.store.release(call.skey, lock))
 
-    async def _wait_for_other_process(
-        self, local: LocalStore, shape: Shape, skey: str, token_keys: list[str]
-    ) -> tuple[Result[Any], Payload] | None:
+    async def _timed_run(self, call: _Call) -> Result[Any]:
+        began = time.perf_counter()
+        result = await call.run()
+        call.counters.miss(time.perf_counter() - began)
+        return result
+
+    async def _store(self, call: _Call, rows: FrozenRows) -> Payload | None:
+        """Encode the fill and write it if its tables' tokens are still those read before
+        the query ran; the payload (for waiters), or None if it cannot be shared."""
+        try:
+            payload = encode(rows.frozen, rows.requires_unique, call.shape)
+        except UnencodableResult as exc:
+            self._warn_once(call.shape.digest, f"{exc}; it is not cached")
+            return None
+        if call.tokens is None:
+            return payload
+        ttl = call.expiration_time if call.expiration_time is not None else self.default_ttl
+        try:
+            written = await self._guard(
+                self.store.write(call.skey, payload, call.token_keys, call.tokens, ttl)
+            )
+        except UnencodableResult as exc:
+            self._warn_once(call.shape.digest, f"{exc}; it is not cached")
+            return payload
+        if isinstance(written, int):
+            call.counters.fill(written)
+        return payload
+
+    async def _wait_for_other_process(self, call: _Call) -> tuple[Result[Any], Payload] | None:
         """Poll for the fill another process holds the lock for; None when it ends (or its
         holder dies, or the lock times out) without a usable entry."""
         deadline = time.monotonic() + self.lock_timeout
@@ -239,17 +236,10 @@ class SharedRegion:
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-            found = await self._read(skey, token_keys)
-            if isinstance(found, _Failed):
-                return None
-            stored, current = found
-            if stored is not None and stored.tokens == tuple(current):
-                result = self._rebuild(stored.payload, shape, local)
-                if result is None:
-                    return None
-                self.stats.coalesced += 1
-                return result, stored.payload
-            if await self._guard(self.store.is_locked(skey)) is not True:
+            found = await self._read(call)
+            if found is not None:
+                return found
+            if await self._guard(self.store.is_locked(call.skey)) is not True:
                 return None
         return None
 
@@ -263,7 +253,7 @@ class SharedRegion:
         except UnstableKeyError:
             return
         if not isinstance(await self._guard(self.store.delete(skey)), _Failed):
-            self.stats.invalidations += 1
+            self.stats.invalidated(key)
 
     async def bump(self, tables: frozenset[str]) -> None:
         """Make every entry that read one of ``tables`` stale (a transaction committed)."""
@@ -291,10 +281,10 @@ class SharedRegion:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _rebuild(self, payload: Payload, shape: Shape, local: LocalStore) -> Result[Any] | None:
+    def _rebuild(self, payload: Payload, call: _Call) -> Result[Any] | None:
         """The payload's rows in the caller's session; None (counted) if it cannot be read."""
         try:
-            return materialize(payload, shape, local.sync_session)
+            return materialize(payload, call.shape, call.local.sync_session)
         except UnreadablePayload:
             self.stats.errors += 1
             return None
@@ -367,6 +357,21 @@ class SharedRegion:
                 UncacheableStatementWarning,
                 stacklevel=4,
             )
+
+
+@dataclass(slots=True)
+class _Call:
+    """One read through a shared region: where it runs, what it keys, how it fills."""
+
+    local: LocalStore
+    shape: Shape
+    skey: str
+    token_keys: list[str]
+    expiration_time: float | None
+    run: RunQuery
+    counters: StatementStats
+    tokens: list[str] | None = None
+    """Current tokens of ``token_keys`` read before the query ran (None: unknown)."""
 
 
 def _default_run(local: LocalStore, statement: Executable) -> RunQuery:
