@@ -11,7 +11,8 @@ Every operation is one round trip (a pipeline or a Lua script) on an asyncio con
 the event loop never blocks on the network. The dogpile synchronous API (``region.get``) is
 refused: it would block the loop, and pickle what it stores.
 
-``timeout`` bounds each socket operation (the region's policy bounds whole calls too).
+``timeout`` bounds each socket operation and the wait for one of ``max_connections`` pooled
+connections (default 50); the region's policy bounds whole calls too.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class AsyncRedisBackend(CacheBackend):
             raise AsyncSessionCacheError("the redis backend needs arguments={'url': ...}") from None
         self.prefix = str(arguments.get("prefix", "asc"))
         self.timeout = float(arguments.get("timeout", 0.25))
+        self.max_connections = int(arguments.get("max_connections", 50))
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
@@ -70,12 +72,18 @@ class AsyncRedisBackend(CacheBackend):
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
+            # A blocking pool makes a burst of callers wait for a connection (bounded by
+            # ``timeout``) instead of failing past max_connections, which would look like
+            # an outage.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self.max_connections,
+                timeout=self.timeout,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
                 retry_on_timeout=False,
             )
+            client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
             self._clients[loop] = client
         return client
 

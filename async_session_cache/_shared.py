@@ -190,6 +190,12 @@ class SharedRegion:
                 self.stats.coalesced += 1
                 return filled
         try:
+            if isinstance(lock, str) and self.store.remote:
+                # Another process (or an earlier fill here) may have stored it since our read.
+                found = await self._read(call)
+                if found is not None:
+                    self.stats.coalesced += 1
+                    return found
             if call.tokens is None:
                 ensured = await self._guard(self.store.ensure_tokens(call.token_keys))
                 call.tokens = None if isinstance(ensured, _Failed) else ensured
