@@ -18,7 +18,7 @@ from ._exceptions import (
 )
 from ._execute import cached_execute, invalidate
 from ._local import ScopedSessionBackend
-from ._options import FromCache
+from ._options import FromCache, RelationshipCache
 from ._stats import RegionStats
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "NotASelectError",
     "OutsideScopeError",
     "RegionStats",
+    "RelationshipCache",
     "ScopedSessionBackend",
     "SessionCache",
     "UncacheableStatementWarning",

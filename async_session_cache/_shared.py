@@ -134,13 +134,15 @@ class SharedRegion:
             counters=self.stats.of(key, statement),
         )
         if not self._pending_bumps or await self._pending_bumps_written():
-            found = await self._read(call)
+            found = await self._read(call, first=True)
             if found is not None:
                 call.counters.hit()
                 return found[0]
         return await self._fill_once(call)
 
-    async def _read(self, call: _Call) -> tuple[Result[Any], Payload] | None:
+    async def _read(
+        self, call: _Call, *, first: bool = False
+    ) -> tuple[Result[Any], Payload] | None:
         """The current entry of ``call`` rebuilt in its session, if there is one; notes the
         tables' current tokens on ``call`` for a fill."""
         try:
@@ -156,7 +158,8 @@ class SharedRegion:
         if payload is None or stored_tokens is None:
             return None
         if stored_tokens != tuple(current):
-            call.counters.invalidations += 1  # filled before a commit to one of its tables
+            if first:
+                call.counters.invalidations += 1  # filled before a commit to one of its tables
             return None
         result = self._rebuild(payload, call)
         return None if result is None else (result, payload)
