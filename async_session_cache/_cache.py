@@ -26,6 +26,7 @@ from ._local import BACKEND_NAME, LocalStore, ScopedSessionBackend, store_of
 from ._options import serve_from_cache
 from ._shared import SharedRegion
 from ._stats import RegionStats
+from ._verify import ShadowVerifier
 
 LOCAL: Final = "local"
 """Name of the per-session region every SessionCache has."""
@@ -64,6 +65,7 @@ class SessionCache:
         timeout: float | Mapping[str, float] = 0.25,
         lock_timeout: float = 5.0,
         retry_interval: float = 1.0,
+        shadow_verify: float = 0.0,
     ) -> None:
         shared = dict(regions or {})
         if LOCAL in shared:
@@ -82,6 +84,8 @@ class SessionCache:
         """Every region by name, ``"local"`` included."""
         self._stats = {name: RegionStats() for name in self.regions}
         self._stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+        self.verifier = ShadowVerifier(shadow_verify, session_factory) if shadow_verify else None
+        """Re-reads a sampled fraction of hits uncached (``shadow_verify``), or None."""
         self._shared = {
             name: SharedRegion(
                 name,
@@ -90,6 +94,7 @@ class SessionCache:
                 timeout=timeout if isinstance(timeout, int | float) else timeout.get(name, 0.25),
                 lock_timeout=lock_timeout,
                 retry_interval=retry_interval,
+                verifier=self.verifier,
             )
             for name, region in shared.items()
             if not (

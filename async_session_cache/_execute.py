@@ -61,6 +61,9 @@ async def cached_execute(
     rows = store.lookup(key)
     if rows is not None:
         store.stats.of(key, statement).hit()
+        verifier = store.owner.verifier
+        if verifier is not None and verifier.wants():
+            await verifier.check(store, statement, rows.replay(), store.stats)
         return rows.replay()
     rows = await _fill_once(store, key, statement, expiration_time)
     return rows.replay()

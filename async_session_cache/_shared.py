@@ -40,6 +40,7 @@ from ._shapes import Shape, UnstableKeyError, shape_of, stable_key
 from ._statements import ALL_TABLES
 from ._stats import RegionStats, StatementStats
 from ._stores import store_for
+from ._verify import ShadowVerifier
 
 logger = logging.getLogger("async_session_cache")
 
@@ -84,8 +85,10 @@ class SharedRegion:
         timeout: float,
         lock_timeout: float,
         retry_interval: float,
+        verifier: ShadowVerifier | None = None,
     ) -> None:
         self.name = name
+        self.verifier = verifier
         self.store = store_for(name, region)
         self.stats = stats
         self.timeout = timeout
@@ -137,6 +140,10 @@ class SharedRegion:
             found = await self._read(call, first=True)
             if found is not None:
                 call.counters.hit()
+                if self.verifier is not None and self.verifier.wants():
+                    second = self._rebuild(found[1], call)
+                    if second is not None:
+                        await self.verifier.check(local, statement, second, self.stats)
                 return found[0]
         return await self._fill_once(call)
 
