@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack, overload
 
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import TypedReturnsRows
 
 from ._cache import LOCAL, SessionCache, current_scope
 from ._exceptions import OutsideScopeError, UncacheableStatementWarning
@@ -25,13 +26,36 @@ from ._results import FrozenRows, has_pending_changes
 from ._statements import must_read_live, require_select, statement_key, tables_read
 
 
+_Ts = TypeVarTuple("_Ts")
+
+
+@overload
+async def cached_execute(
+    statement: TypedReturnsRows[Unpack[_Ts]],
+    *,
+    region: str = ...,
+    expiration_time: float | None = ...,
+    session: AsyncSession | None = ...,
+) -> Result[Unpack[_Ts]]: ...
+
+
+@overload
+async def cached_execute(
+    statement: Executable,
+    *,
+    region: str = ...,
+    expiration_time: float | None = ...,
+    session: AsyncSession | None = ...,
+) -> Result[Unpack[tuple[Any, ...]]]: ...
+
+
 async def cached_execute(
     statement: Executable,
     *,
     region: str = LOCAL,
     expiration_time: float | None = None,
     session: AsyncSession | None = None,
-) -> Result[Any]:
+) -> Result[Unpack[tuple[Any, ...]]]:
     """Execute a SELECT through the cache; return what ``AsyncSession.execute`` would.
 
     The key covers the statement's structure, bound values, loader and execution options.

@@ -90,5 +90,5 @@ def as_plain(rows: Any) -> list[Any]:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Base):
-        return (type(value).__name__, value.id)
+        return (type(value).__name__, getattr(value, "id", None))
     return value
