@@ -25,7 +25,6 @@ from ._local import LocalStore, store_of
 from ._results import FrozenRows, has_pending_changes
 from ._statements import must_read_live, require_select, statement_key, tables_read
 
-
 _Ts = TypeVarTuple("_Ts")
 
 
