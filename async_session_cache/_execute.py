@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Hashable
-from typing import Any, TypeVarTuple, Unpack, overload
+from typing import Any, TypeVarTuple, overload
 
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,12 +30,12 @@ _Ts = TypeVarTuple("_Ts")
 
 @overload
 async def cached_execute(
-    statement: TypedReturnsRows[Unpack[_Ts]],
+    statement: TypedReturnsRows[*_Ts],
     *,
     region: str = ...,
     expiration_time: float | None = ...,
     session: AsyncSession | None = ...,
-) -> Result[Unpack[_Ts]]: ...
+) -> Result[*_Ts]: ...
 
 
 @overload
@@ -45,7 +45,7 @@ async def cached_execute(
     region: str = ...,
     expiration_time: float | None = ...,
     session: AsyncSession | None = ...,
-) -> Result[Unpack[tuple[Any, ...]]]: ...
+) -> Result[*tuple[Any, ...]]: ...
 
 
 async def cached_execute(
@@ -54,7 +54,7 @@ async def cached_execute(
     region: str = LOCAL,
     expiration_time: float | None = None,
     session: AsyncSession | None = None,
-) -> Result[Unpack[tuple[Any, ...]]]:
+) -> Result[*tuple[Any, ...]]:
     """Execute a SELECT through the cache; return what ``AsyncSession.execute`` would.
 
     The key covers the statement's structure, bound values, loader and execution options.

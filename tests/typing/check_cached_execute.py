@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Unpack, assert_type
+from typing import Any, assert_type
 
 from sqlalchemy import Result, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,4 +22,4 @@ async def typed_results(session: AsyncSession) -> None:
     assert_type(await session.execute(select(User.id)), Result[int])
     assert_type(await cached_execute(select(User.id), session=session), Result[int])
     textual = await cached_execute(text("SELECT 1").columns())
-    assert_type(textual, Result[Unpack[tuple[Any, ...]]])
+    assert_type(textual, Result[*tuple[Any, ...]])
