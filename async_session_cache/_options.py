@@ -27,7 +27,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._exceptions import UncacheableStatementWarning
 from ._local import LocalStore
-from ._results import FrozenRows, has_pending_changes
+from ._results import FrozenRows, autoflush
 from ._statements import must_read_live, statement_key, tables_read
 
 
@@ -114,9 +114,7 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
         )
         store.stats.bypasses += 1
         return None
-    session = orm_execute_state.session
-    if session.autoflush and has_pending_changes(session):
-        session.flush()  # as execute() would, before looking anything up (pitfall 3)
+    autoflush(orm_execute_state.session)  # before looking anything up (pitfall 3)
     if shared is not None:
         result: Result[Any] | None = await_only(
             shared.execute(

@@ -109,3 +109,10 @@ def _instance_states(frozen: FrozenResult[Any]) -> list[InstanceState[Any]]:
 def has_pending_changes(session: Session) -> bool:
     """Whether a flush would write anything (cheaper than building ``session.dirty``)."""
     return not session._is_clean()
+
+
+def autoflush(session: Session) -> None:
+    """Flush pending changes as ``execute()`` would: not under ``no_autoflush``, not while
+    the session is already flushing (a load triggered inside a flush)."""
+    if has_pending_changes(session):
+        session._autoflush()
