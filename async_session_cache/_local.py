@@ -178,10 +178,11 @@ class LocalStore:
             )
 
     def _after_commit(self, session: Session) -> None:
+        # Fires once per real (outermost) commit; the session still reports the transaction
+        # as open at this point, so do not ask it.
         if self._transaction_writes and self.on_commit is not None:
             self.on_commit(frozenset(self._transaction_writes))
-        if not session.in_transaction():
-            self._end_transaction()
+        self._end_transaction()
 
     def _after_rollback(self, session: Session, previous: SessionTransaction) -> None:
         # Every entry filled since the transaction's first write may hold rows the rollback
@@ -195,7 +196,7 @@ class LocalStore:
             self._drop(
                 lambda entry: entry.filled_at >= first_write_at or _reads_any(entry, written)
             )
-        if not session.in_transaction():
+        if previous.parent is None:  # the outermost transaction ended
             self._end_transaction()
 
     def _end_transaction(self) -> None:

@@ -233,3 +233,37 @@ async def test_joined_eager_collection_requires_unique_on_a_shared_hit(
             result.scalars().all()
         users = (await cached_execute(statement, region="shared")).unique().scalars().all()
     assert sorted(len(u.addresses) for u in users) == [2, 2]
+
+
+async def test_after_commit_the_session_reads_the_shared_region_again(
+    shared_cache: SessionCache, sql: SQLLog
+) -> None:
+    """Once its transaction is committed, a session's reads of the tables it wrote are shared
+    again, and see other sessions' later commits (not its own stale local entries)."""
+    statement = select(User.name).where(User.id == 7)
+    async with shared_cache.scope() as first:
+        await first.execute(update(User).where(User.id == 7).values(name="mine"))
+        await first.commit()
+        assert (await cached_execute(statement, region="shared")).scalar_one() == "mine"
+        async with shared_cache.scope() as second:
+            await second.execute(update(User).where(User.id == 7).values(name="theirs"))
+            await second.commit()
+        assert (await cached_execute(statement, region="shared")).scalar_one() == "theirs"
+        queries = len(sql.selects)
+        await cached_execute(statement, region="shared")
+        assert len(sql.selects) == queries  # a shared hit again
+
+
+async def test_a_read_only_commit_invalidates_nothing(
+    shared_cache: SessionCache, sql: SQLLog
+) -> None:
+    """A commit after an earlier committed write does not invalidate the written tables again."""
+    statement = select(User.name).where(User.id == 8)
+    async with shared_cache.scope() as session:
+        await session.execute(update(User).where(User.id == 8).values(name="once"))
+        await session.commit()
+        await cached_execute(statement, region="shared")
+        await session.commit()  # nothing written in this transaction
+        queries = len(sql.selects)
+        await cached_execute(statement, region="shared")
+        assert len(sql.selects) == queries
