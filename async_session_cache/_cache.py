@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import partial
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -21,9 +20,9 @@ from dogpile.cache import CacheRegion, make_region
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.util import await_only
 
+from ._events import LISTENERS, tracking_session_class
 from ._exceptions import AsyncSessionCacheError, OutsideScopeError, UnknownRegionError
 from ._local import BACKEND_NAME, LocalStore, ScopedSessionBackend, store_of
-from ._options import serve_from_cache
 from ._shared import SharedRegion
 from ._stats import RegionStats
 from ._verify import ShadowVerifier
@@ -73,10 +72,17 @@ class SessionCache:
         for name, region in shared.items():
             if not isinstance(region, CacheRegion):
                 raise TypeError(f"region {name!r} must be a dogpile.cache CacheRegion")
-        self.session: async_scoped_session[AsyncSession] = async_scoped_session(
-            session_factory, scopefunc=self._scope_key
+        kw = dict(session_factory.kw)
+        base = kw.pop("sync_session_class", None) or session_factory.class_.sync_session_class
+        self._session_class = tracking_session_class(self, base)
+        tracked_factory = async_sessionmaker(
+            class_=session_factory.class_, sync_session_class=self._session_class, **kw
         )
-        """The ``async_scoped_session``; inside a scope it is that scope's session."""
+        self.session: async_scoped_session[AsyncSession] = async_scoped_session(
+            tracked_factory, scopefunc=self._scope_key
+        )
+        """The ``async_scoped_session``; inside a scope it is that scope's session. Its
+        ``session_factory`` makes sessions whose writes the cache sees, in a scope or not."""
         local = make_region(name=LOCAL).configure(
             BACKEND_NAME, arguments={"scoped_session": self.session}
         )
@@ -134,11 +140,15 @@ class SessionCache:
                 current_scope.reset(token)
 
     def attach(self, session: AsyncSession) -> LocalStore:
-        """The local store of ``session``, created on first use."""
+        """The local store of ``session``, created on first use. Sessions made by
+        ``cache.session.session_factory`` attach themselves; attach any other session whose
+        writes the cache must see."""
         store = store_of(session)
         if store is None:
             store = LocalStore(session, self, self._stats[LOCAL])
-            store.listen("do_orm_execute", partial(serve_from_cache, store))
+            if not isinstance(session.sync_session, self._session_class):
+                for name, listener in LISTENERS:  # not our class: listen to this instance
+                    store.listen(name, listener)
             if self._shared:
                 store.on_commit = self._invalidate_shared
             self._stores.add(store)

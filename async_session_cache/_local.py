@@ -77,14 +77,11 @@ class LocalStore:
         invalidates shared regions there, so ``commit()`` returns only after that)."""
         self._dialect: Dialect | None = None
         self._listeners: list[tuple[str, Callable[..., Any]]] = []
-        self.listen("after_flush", self._after_flush)
-        self.listen("do_orm_execute", self._on_execute)
-        self.listen("after_commit", self._after_commit)
-        self.listen("after_soft_rollback", self._after_rollback)
         self.sync_session.info[INFO_KEY] = self
 
     def listen(self, name: str, listener: Callable[..., Any]) -> None:
-        """Listen to a ``SessionEvents`` event of this session until the store closes."""
+        """Listen to a ``SessionEvents`` event of this one session until the store closes
+        (for sessions whose class the SessionCache does not listen to already)."""
         event.listen(self.sync_session, name, listener)
         self._listeners.append((name, listener))
 
@@ -166,25 +163,28 @@ class LocalStore:
             del self.entries[key]
             self.stats.invalidated(key)
 
-    def _after_flush(self, session: Session, flush_context: Any) -> None:
+    def after_flush(self, flush_context: Any) -> None:
+        """A flush wrote its mappers' tables."""
         self.record_write(tables_written_by_flush(flush_context))
 
-    def _on_execute(self, orm_execute_state: ORMExecuteState) -> None:
-        if not orm_execute_state.is_select:
-            self.record_write(
-                tables_written_by_statement(
-                    orm_execute_state.statement, orm_execute_state.execution_options
-                )
+    def before_write(self, orm_execute_state: ORMExecuteState) -> None:
+        """A non-SELECT statement (DML, ``text()``) is about to run on the session."""
+        self.record_write(
+            tables_written_by_statement(
+                orm_execute_state.statement, orm_execute_state.execution_options
             )
+        )
 
-    def _after_commit(self, session: Session) -> None:
+    def after_commit(self) -> None:
+        """The session's outermost transaction committed."""
         # Fires once per real (outermost) commit; the session still reports the transaction
         # as open at this point, so do not ask it.
         if self._transaction_writes and self.on_commit is not None:
             self.on_commit(frozenset(self._transaction_writes))
         self._end_transaction()
 
-    def _after_rollback(self, session: Session, previous: SessionTransaction) -> None:
+    def after_rollback(self, previous: SessionTransaction) -> None:
+        """A transaction of the session (``previous``) rolled back."""
         # Every entry filled since the transaction's first write may hold rows the rollback
         # discarded, and so may any entry reading a table it wrote: drop them all.
         first_write_at = self._first_write_at
