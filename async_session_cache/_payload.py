@@ -72,6 +72,7 @@ class Payload:
     entities: tuple[tuple[int, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...]
     rows: tuple[Any, ...]
     has_mutable: bool
+    has_unloaded: bool
     nbytes: int
     _rows_cache: list[Any] | None = field(default=None, repr=False)
 
@@ -98,6 +99,7 @@ def encode(frozen: FrozenResult[Any], requires_unique: bool, shape: Shape) -> Pa
         entities=tuple(encoder.records),
         rows=rows,
         has_mutable=encoder.has_mutable,
+        has_unloaded=encoder.has_unloaded,
         nbytes=encoder.nbytes,
     )
 
@@ -111,6 +113,7 @@ class _Encoder:
         self._entity_index: dict[int, int] = {}
         self._entity_ids: set[int] = set()
         self.has_mutable = False
+        self.has_unloaded = False
         self.nbytes = 64
 
     def cell(self, value: Any) -> Any:
@@ -143,9 +146,12 @@ class _Encoder:
         self._entity_ids.add(index)
         self.records.append(None)  # placeholder: relationships may refer back to it
         dict_ = state.dict
-        values = tuple(dict_.get(key, UNLOADED) for key in self.shape.keys_of(mapper))
+        values = tuple(dict_.get(key, UNLOADED) for key in plan_of(mapper).keys)
         for value in values:
-            self.value(value)
+            if value is UNLOADED:
+                self.has_unloaded = True
+            else:
+                self.value(value)
         relations: list[tuple[str, Any]] = []
         for key in self.shape.captured(mapper):
             if key not in dict_:
@@ -234,33 +240,79 @@ def _require_unique(row: Any) -> Any:
     )
 
 
+@dataclass(slots=True, frozen=True)
+class MapperPlan:
+    """How payloads store one mapper's instances: column keys in order, where the primary
+    key sits, and how to make an empty instance."""
+
+    keys: tuple[str, ...]
+    pk_positions: tuple[int, ...]
+    identity_class: type[Any]
+    new_instance: Callable[[], Any]
+
+
+_plans: dict[Mapper[Any], MapperPlan] = {}
+
+
+def plan_of(mapper: Mapper[Any]) -> MapperPlan:
+    """The (remembered) ``MapperPlan`` of ``mapper``."""
+    plan = _plans.get(mapper)
+    if plan is None:
+        keys = tuple(prop.key for prop in mapper.column_attrs)
+        pk_keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+        plan = _plans[mapper] = MapperPlan(
+            keys=keys,
+            pk_positions=tuple(keys.index(key) for key in pk_keys),
+            identity_class=mapper._identity_class,
+            new_instance=mapper.class_manager.new_instance,
+        )
+    return plan
+
+
 class _Materializer:
     def __init__(self, payload: Payload, shape: Shape, session: Session) -> None:
         self.payload = payload
-        self.shape = shape
         self.session = session
-        self.mappers = [shape.mappers[name] for name in payload.mappers]
+        self.plans = [plan_of(shape.mappers[name]) for name in payload.mappers]
 
     def instances(self) -> list[Any]:
         """Every entity record as an instance of the session: existing ones reused (their
-        unloaded attributes filled in), the others created persistent, without SQL."""
+        unloaded attributes filled in), the others created persistent, without SQL.
+
+        This is the hot loop of a shared hit: everything per mapper is looked up once, and
+        a record of plain, fully loaded values goes into the instance dict in one update."""
+        session = self.session
+        identity_map = session.identity_map
+        get_state = identity_map.fast_get_state
+        add = identity_map._add_unpresent
+        session_id = session.hash_key
+        plain = not (self.payload.has_mutable or self.payload.has_unloaded)
+        plans = self.plans
         made: list[Any] = []
         fresh: list[bool] = []
         for mapper_index, values, _ in self.payload.entities:
-            mapper = self.mappers[mapper_index]
-            keys = self.shape.keys_of(mapper)
-            if len(keys) != len(values):
-                raise UnreadablePayload(f"{mapper} has {len(keys)} columns, payload {len(values)}")
-            identity = _identity_of(mapper, keys, values)
-            state = self.session.identity_map.fast_get_state(identity)
+            plan = plans[mapper_index]
+            if len(plan.keys) != len(values):
+                raise UnreadablePayload(f"{len(plan.keys)} columns expected, {len(values)} stored")
+            identity = (plan.identity_class, tuple([values[p] for p in plan.pk_positions]), None)
+            state = get_state(identity)
             instance = state.obj() if state is not None else None
             if instance is None:
-                made.append(self._create(mapper, identity, keys, values))
+                instance = plan.new_instance()
+                state = instance._sa_instance_state
+                if plain:
+                    state.dict.update(zip(plan.keys, values, strict=True))  # length checked
+                else:
+                    self._set(state.dict, plan.keys, values)
+                state.key = identity
+                state.identity_token = None
+                state.session_id = session_id
+                add(state, identity)
                 fresh.append(True)
             else:
-                self._fill_unloaded(instance._sa_instance_state, keys, values)
-                made.append(instance)
+                self._fill_unloaded(instance._sa_instance_state, plan.keys, values)
                 fresh.append(False)
+            made.append(instance)
         for instance, is_fresh, (_, _, relations) in zip(
             made, fresh, self.payload.entities, strict=True
         ):
@@ -268,24 +320,11 @@ class _Materializer:
                 self._relate(made, instance, is_fresh, relations)
         return made
 
-    def _value(self, value: Any) -> Any:
-        return copy.deepcopy(value) if self.payload.has_mutable else value
-
-    def _create(
-        self, mapper: Mapper[Any], identity: Any, keys: tuple[str, ...], values: tuple[Any, ...]
-    ) -> Any:
-        """A new persistent instance, as the ORM's loader makes one from a row."""
-        instance = mapper.class_manager.new_instance()
-        state: InstanceState[Any] = instance._sa_instance_state
-        dict_ = state.dict
+    def _set(self, dict_: dict[str, Any], keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        thaw = self.payload.has_mutable
         for key, value in zip(keys, values, strict=True):
             if value is not UNLOADED:
-                dict_[key] = self._value(value)
-        state.key = identity
-        state.identity_token = None
-        state.session_id = self.session.hash_key
-        self.session.identity_map._add_unpresent(state, identity)
-        return instance
+                dict_[key] = copy.deepcopy(value) if thaw else value
 
     def _fill_unloaded(
         self, state: InstanceState[Any], keys: tuple[str, ...], values: tuple[Any, ...]
@@ -294,14 +333,14 @@ class _Materializer:
         unloaded = state.unloaded
         if not unloaded:
             return
-        dict_ = state.dict
-        filled = []
-        for key, value in zip(keys, values, strict=True):
-            if key in unloaded and value is not UNLOADED:
-                dict_[key] = self._value(value)
-                filled.append(key)
+        filled = {
+            key: value
+            for key, value in zip(keys, values, strict=True)
+            if key in unloaded and value is not UNLOADED
+        }
         if filled:
-            state._commit(dict_, filled)
+            self._set(state.dict, tuple(filled), tuple(filled.values()))
+            state._commit(state.dict, list(filled))
 
     def _relate(
         self,
@@ -326,17 +365,6 @@ class _Materializer:
             set_committed_value(instance, key, related)
 
 
-_pk_positions: dict[Mapper[Any], tuple[int, ...]] = {}
-
-
-def _identity_of(mapper: Mapper[Any], keys: tuple[str, ...], values: tuple[Any, ...]) -> Any:
-    positions = _pk_positions.get(mapper)
-    if positions is None:
-        pk_keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
-        positions = _pk_positions[mapper] = tuple(keys.index(key) for key in pk_keys)
-    return (mapper._identity_class, tuple(values[p] for p in positions), None)
-
-
 # -- bytes for network stores -------------------------------------------------------------
 
 
@@ -348,6 +376,7 @@ def dumps(tokens: Sequence[str], payload: Payload) -> bytes:
         payload.single_entity,
         payload.filtered,
         payload.requires_unique,
+        payload.has_unloaded,
         list(payload.entity_columns),
         list(payload.mappers),
         [
@@ -366,9 +395,18 @@ def loads(data: bytes) -> tuple[tuple[str, ...], Payload]:
     if not isinstance(data, bytes) or not data.startswith(header):
         raise UnreadablePayload("not a payload of this version")
     try:
-        (tokens, width, single, filtered, unique, entity_columns, mappers, entities, rows) = (
-            json.loads(data[len(header) :])
-        )
+        (
+            tokens,
+            width,
+            single,
+            filtered,
+            unique,
+            unloaded,
+            entity_columns,
+            mappers,
+            entities,
+            rows,
+        ) = json.loads(data[len(header) :])
         columns = tuple(int(c) for c in entity_columns)
         payload = Payload(
             width=int(width),
@@ -387,6 +425,7 @@ def loads(data: bytes) -> tuple[tuple[str, ...], Payload]:
             ),
             rows=_rows_from_json(rows, bool(single), columns),
             has_mutable=False,
+            has_unloaded=bool(unloaded),
             nbytes=len(data),
         )
         return tuple(str(t) for t in tokens), payload

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Table
@@ -30,7 +30,7 @@ from sqlalchemy.sql.util import find_tables
 
 from ._statements import resolved, tables_read
 
-PAYLOAD_VERSION: Final = 1
+PAYLOAD_VERSION: Final = 2
 """Bumped whenever the payload layout changes; part of every shape digest."""
 
 _EAGER: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
@@ -52,14 +52,6 @@ class Shape:
     """Mappers an entity payload may name, by ``module.QualName``."""
     capture: dict[Mapper[Any], tuple[str, ...]]
     """Relationships whose loaded values are part of the result, per mapper."""
-    column_keys: dict[Mapper[Any], tuple[str, ...]] = field(default_factory=dict)
-
-    def keys_of(self, mapper: Mapper[Any]) -> tuple[str, ...]:
-        """The column-attribute keys of ``mapper``, in the order payloads store them."""
-        keys = self.column_keys.get(mapper)
-        if keys is None:
-            keys = self.column_keys[mapper] = tuple(prop.key for prop in mapper.column_attrs)
-        return keys
 
     def captured(self, mapper: Mapper[Any]) -> tuple[str, ...]:
         """Relationship keys to capture on instances of ``mapper`` (subclasses included)."""

@@ -19,7 +19,8 @@ from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
-from async_session_cache import FromCache, SessionCache, cached_execute
+from async_session_cache import FromCache, SessionCache, _payload, cached_execute
+from async_session_cache._shapes import PAYLOAD_VERSION
 from tests.integration._child import SQLLog, redis_region, user_by_id, users_and_emails
 from tests.models import Base, User, seed
 from tests.services import RedisServer, free_port, run_redis
@@ -27,7 +28,7 @@ from tests.services import RedisServer, free_port, run_redis
 pytestmark = pytest.mark.redis
 
 LOGGER = "async_session_cache"
-MAGIC = b"ASC1\n"
+MAGIC = _payload.MAGIC + str(PAYLOAD_VERSION).encode() + b"\n"  # the envelope header
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------

@@ -105,6 +105,7 @@ def _payload(rows: tuple[Any, ...], values: tuple[Any, ...] = ()) -> Payload:
         entities=((0, values, ()),) if values else (),
         rows=rows,
         has_mutable=False,
+        has_unloaded=UNLOADED in values,
         nbytes=0,
     )
 
@@ -138,10 +139,10 @@ def test_envelope_round_trip_keeps_value_types() -> None:
     [
         b"",
         b"garbage",
-        b"ASC1\n{not json",
-        b"ASC1\n[1, 2]",
+        b"ASC2\n{not json",
+        b"ASC2\n[1, 2]",
         b"ASC9\n[]",
-        b"ASC1\n" + b'[["t"],1,false,false,false,[],[],[],[[{"$nope":1}]]]',
+        b"ASC2\n" + b'[["t"],1,false,false,false,false,[],[],[],[[{"$nope":1}]]]',
     ],
     ids=["empty", "foreign", "truncated", "wrong structure", "other version", "unknown tag"],
 )
