@@ -136,6 +136,8 @@ class SharedRegion:
             run=run or _default_run(local, statement),
             counters=self.stats.of(key, statement),
         )
+        if skey in self.inflight:
+            return await self._fill_once(call)  # a fill of this key is running here: join it
         if not self._pending_bumps or await self._pending_bumps_written():
             found = await self._read(call, first=True)
             if found is not None:
