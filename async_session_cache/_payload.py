@@ -368,8 +368,19 @@ class _Materializer:
 # -- bytes for network stores -------------------------------------------------------------
 
 
+_PLAIN: Final = (str, int, float, bool, type(None))
+
+
 def dumps(tokens: Sequence[str], payload: Payload) -> bytes:
-    """The versioned JSON envelope of ``payload`` filled under table ``tokens``."""
+    """The versioned JSON envelope of ``payload`` filled under table ``tokens``.
+
+    Only values JSON cannot carry as they are get tagged (dates, decimals, bytes, ...), and
+    the envelope says where they are: a reader decodes those cells and takes the rest as
+    they come out of ``json.loads``."""
+    entities_tagged = any(
+        type(value) not in _PLAIN for _, values, _ in payload.entities for value in values
+    )
+    rows, tagged_columns = _rows_to_json(payload)
     body = [
         list(tokens),
         payload.width,
@@ -379,11 +390,17 @@ def dumps(tokens: Sequence[str], payload: Payload) -> bytes:
         payload.has_unloaded,
         list(payload.entity_columns),
         list(payload.mappers),
+        entities_tagged,
         [
-            [mapper, [_to_json(v) for v in values], [[k, r] for k, r in relations]]
+            [
+                mapper,
+                [_to_json(v) for v in values] if entities_tagged else list(values),
+                [[k, r] for k, r in relations],
+            ]
             for mapper, values, relations in payload.entities
         ],
-        _rows_to_json(payload),
+        tagged_columns,
+        rows,
     ]
     header = MAGIC + str(PAYLOAD_VERSION).encode() + b"\n"
     return header + json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
@@ -404,26 +421,24 @@ def loads(data: bytes) -> tuple[tuple[str, ...], Payload]:
             unloaded,
             entity_columns,
             mappers,
+            entities_tagged,
             entities,
+            tagged_columns,
             rows,
         ) = json.loads(data[len(header) :])
-        columns = tuple(int(c) for c in entity_columns)
+        decode_values = _decode_all if entities_tagged else tuple
         payload = Payload(
             width=int(width),
             single_entity=bool(single),
             filtered=bool(filtered),
             requires_unique=bool(unique),
-            entity_columns=columns,
+            entity_columns=tuple(int(c) for c in entity_columns),
             mappers=tuple(str(m) for m in mappers),
             entities=tuple(
-                (
-                    int(mapper),
-                    tuple(_from_json(v) for v in values),
-                    tuple((str(k), r) for k, r in relations),
-                )
+                (int(mapper), decode_values(values), tuple((str(k), r) for k, r in relations))
                 for mapper, values, relations in entities
             ),
-            rows=_rows_from_json(rows, bool(single), columns),
+            rows=_rows_from_json(rows, bool(single), [int(c) for c in tagged_columns]),
             has_mutable=False,
             has_unloaded=bool(unloaded),
             nbytes=len(data),
@@ -435,25 +450,47 @@ def loads(data: bytes) -> tuple[tuple[str, ...], Payload]:
         raise UnreadablePayload(f"malformed payload: {exc!r}") from exc
 
 
-def _rows_to_json(payload: Payload) -> list[Any]:
+def _decode_all(values: list[Any]) -> tuple[Any, ...]:
+    return tuple(_from_json(v) for v in values)
+
+
+def _rows_to_json(payload: Payload) -> tuple[list[Any], list[int]]:
+    """Rows for JSON, and the positions of the columns holding tagged values."""
     if payload.single_entity:
-        return [cell if payload.entity_columns else _to_json(cell) for cell in payload.rows]
-    columns = payload.entity_columns
-    return [
-        [cell if position in columns else _to_json(cell) for position, cell in enumerate(row)]
-        for row in payload.rows
-    ]
-
-
-def _rows_from_json(rows: list[Any], single: bool, columns: tuple[int, ...]) -> tuple[Any, ...]:
-    if single:
-        return tuple(cell if columns else _from_json(cell) for cell in rows)
-    return tuple(
-        tuple(
-            cell if position in columns else _from_json(cell) for position, cell in enumerate(row)
-        )
-        for row in rows
+        if payload.entity_columns:
+            return list(payload.rows), []
+        rows = [_to_json(cell) for cell in payload.rows]
+        tagged = any(type(cell) not in _PLAIN for cell in payload.rows)
+        return rows, [0] if tagged else []
+    entity_columns = payload.entity_columns
+    tagged_columns = sorted(
+        {
+            position
+            for row in payload.rows
+            for position, cell in enumerate(row)
+            if position not in entity_columns and type(cell) not in _PLAIN
+        }
     )
+    if not tagged_columns:
+        return [list(row) for row in payload.rows], []
+    return [
+        [
+            _to_json(cell) if position in tagged_columns else cell
+            for position, cell in enumerate(row)
+        ]
+        for row in payload.rows
+    ], tagged_columns
+
+
+def _rows_from_json(rows: list[Any], single: bool, tagged_columns: list[int]) -> tuple[Any, ...]:
+    if single:
+        return tuple(_from_json(cell) for cell in rows) if tagged_columns else tuple(rows)
+    if not tagged_columns:
+        return tuple(map(tuple, rows))
+    for row in rows:
+        for position in tagged_columns:
+            row[position] = _from_json(row[position])
+    return tuple(map(tuple, rows))
 
 
 _ENCODERS: dict[type, Callable[[Any], Any]] = {

@@ -30,7 +30,7 @@ from sqlalchemy.sql.util import find_tables
 
 from ._statements import resolved, tables_read
 
-PAYLOAD_VERSION: Final = 2
+PAYLOAD_VERSION: Final = 3
 """Bumped whenever the payload layout changes; part of every shape digest."""
 
 _EAGER: Final = frozenset({"joined", "selectin", "subquery", "immediate"})

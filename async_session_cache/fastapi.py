@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -67,9 +66,7 @@ __all__ = ["SessionDependency", "SyncEndpointError", "session_dependency"]
 SessionDependency = Callable[[HTTPConnection], AsyncIterator[AsyncSession]]
 """The type of what ``session_dependency`` returns: give it to ``fastapi.Depends``."""
 
-_dependencies: weakref.WeakKeyDictionary[SessionCache, SessionDependency] = (
-    weakref.WeakKeyDictionary()
-)
+_ATTRIBUTE = "_fastapi_session_dependency"
 
 
 class SyncEndpointError(AsyncSessionCacheError, TypeError):
@@ -88,11 +85,15 @@ def session_dependency(cache: SessionCache) -> SessionDependency:
     """The FastAPI dependency that opens ``cache.scope()`` per request and yields its session.
 
     The same function is returned for the same ``cache``, so FastAPI's per-request dependency
-    cache gives every consumer of one request the same session and scope.
+    cache gives every consumer of one request the same session and scope, and
+    ``app.dependency_overrides[session_dependency(cache)]`` overrides it everywhere.
     """
-    dependency = _dependencies.get(cache)
+    # Kept on the cache itself: a module-level weak map would keep the cache alive through
+    # the closure, while this reference cycle is collected with the cache.
+    dependency: SessionDependency | None = vars(cache).get(_ATTRIBUTE)
     if dependency is None:
-        dependency = _dependencies[cache] = _make_dependency(cache)
+        dependency = _make_dependency(cache)
+        vars(cache)[_ATTRIBUTE] = dependency
     return dependency
 
 

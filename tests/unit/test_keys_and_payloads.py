@@ -139,10 +139,10 @@ def test_envelope_round_trip_keeps_value_types() -> None:
     [
         b"",
         b"garbage",
-        b"ASC2\n{not json",
-        b"ASC2\n[1, 2]",
+        b"ASC3\n{not json",
+        b"ASC3\n[1, 2]",
         b"ASC9\n[]",
-        b"ASC2\n" + b'[["t"],1,false,false,false,false,[],[],[],[[{"$nope":1}]]]',
+        b"ASC3\n" + b'[["t"],1,false,false,false,false,[],[],false,[],[0],[[{"$nope":1}]]]',
     ],
     ids=["empty", "foreign", "truncated", "wrong structure", "other version", "unknown tag"],
 )
@@ -224,3 +224,15 @@ def test_address_loader_paths_are_part_of_the_shape() -> None:
     one = select(User).options(selectinload(User.addresses))
     two = select(User).options(selectinload(User.addresses).joinedload(Address.user))
     assert key_of(one) != key_of(two)
+
+
+def test_plain_and_mixed_columns_round_trip() -> None:
+    """Columns of plain JSON values and columns needing tags decode side by side."""
+    rows = tuple(
+        (i, f"name {i}", None if i % 2 else 1.5, datetime.date(2026, 1, 1 + i)) for i in range(5)
+    )
+    _, payload = loads(dumps(["t"], _payload(rows)))
+    assert payload.rows == rows
+    _, plain = loads(dumps(["t"], _payload(tuple(row[:3] for row in rows))))
+    assert plain.rows == tuple(row[:3] for row in rows)
+    assert all(type(row) is tuple for row in plain.rows)
