@@ -20,6 +20,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from ._local import INFO_KEY, LocalStore
 from ._options import serve_from_cache
+from ._payload import PLAIN_CLASS_ATTRIBUTE
 
 if TYPE_CHECKING:
     from ._cache import SessionCache
@@ -30,7 +31,9 @@ OWNER_ATTRIBUTE = "_async_session_cache"
 def tracking_session_class(cache: SessionCache, base: type[Session]) -> type[Session]:
     """A subclass of ``base`` whose instances report their events to ``cache``."""
     tracked = type(
-        f"{base.__name__}WithCache", (base,), {OWNER_ATTRIBUTE: cache, "__module__": __name__}
+        f"{base.__name__}WithCache",
+        (base,),
+        {OWNER_ATTRIBUTE: cache, PLAIN_CLASS_ATTRIBUTE: base, "__module__": __name__},
     )
     for name, listener in LISTENERS:
         event.listen(tracked, name, listener)

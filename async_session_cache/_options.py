@@ -27,7 +27,9 @@ from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._exceptions import UncacheableStatementWarning
 from ._local import LocalStore
+from ._payload import Payload, fetch_payload
 from ._results import FrozenRows, autoflush
+from ._shapes import shape_of
 from ._statements import must_read_live, statement_key, tables_read
 
 
@@ -97,15 +99,12 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
     if must_read_live(statement):
         store.stats.bypasses += 1
         return None
-    key = statement_key(
-        statement,
-        orm_execute_state.parameters,
-        {
-            name: value
-            for name, value in orm_execute_state.local_execution_options.items()
-            if not name.startswith(("_", "sa_"))  # SQLAlchemy's own bookkeeping
-        },
-    )
+    options = {
+        name: value
+        for name, value in orm_execute_state.local_execution_options.items()
+        if not name.startswith(("_", "sa_"))  # SQLAlchemy's own bookkeeping
+    }
+    key = statement_key(statement, orm_execute_state.parameters, options)
     if key is None:
         warnings.warn(
             "this statement cannot be cached (no SQLAlchemy cache key); it runs uncached",
@@ -116,6 +115,15 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
         return None
     autoflush(orm_execute_state.session)  # before looking anything up (pitfall 3)
     if shared is not None:
+        session = orm_execute_state.session
+        parameters = orm_execute_state.parameters
+
+        async def fetch() -> Payload:
+            shape = shape_of(statement, key, store.dialect)
+            return await greenlet_spawn(
+                fetch_payload, session, statement, shape, parameters, options
+            )
+
         result: Result[Any] | None = await_only(
             shared.execute(
                 store,
@@ -123,6 +131,7 @@ def serve_from_cache(store: LocalStore, orm_execute_state: ORMExecuteState) -> R
                 key,
                 option.expiration_time,
                 run=partial(greenlet_spawn, orm_execute_state.invoke_statement),
+                fetch=fetch,
             )
         )
         if result is not None:

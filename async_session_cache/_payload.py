@@ -32,7 +32,7 @@ from sqlalchemy.engine import FrozenResult, IteratorResult, Result
 from sqlalchemy.orm import InstanceState, Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from ._results import ReplayResult
+from ._results import FrozenRows, ReplayResult
 from ._shapes import PAYLOAD_VERSION, Shape
 
 MAGIC: Final = b"ASC"
@@ -175,6 +175,34 @@ class _Encoder:
                 if hasattr(value, "_sa_instance_state"):
                     columns.add(position)
         return columns
+
+
+PLAIN_CLASS_ATTRIBUTE: Final = "_async_session_cache_plain_class"
+"""Names, on the cache's session class, the user's own class it extends."""
+
+
+def fetch_payload(
+    session: Session,
+    statement: Any,
+    shape: Shape,
+    parameters: Any = None,
+    execution_options: Any = None,
+) -> Payload:
+    """Run ``statement`` on ``session``'s connection in a new, empty session of the user's
+    own session class (its listeners, e.g. criteria hooks, apply; the cache's do not) and
+    encode what the database returned.
+
+    A shared payload must hold the rows, not the filling session's view of them: its
+    identity map may hold instances loaded before another session's commit, or changes it
+    never flushed, and the ORM hands those back instead of the row's values. The new
+    session joins the connection's transaction and leaves it as it was.
+    """
+    session_class: type[Session] = getattr(type(session), PLAIN_CLASS_ATTRIBUTE, type(session))
+    with session_class(bind=session.connection()) as clean:
+        rows = FrozenRows(
+            clean.execute(statement, parameters, execution_options=execution_options or {})
+        )
+        return encode(rows.frozen, rows.requires_unique, shape)
 
 
 def _state_of(instance: Any) -> InstanceState[Any]:

@@ -54,8 +54,13 @@ class FrozenRows:
         ones, so a payload holding any of those must not be served.
         """
         session_id = session.hash_key
-        for state in self._states:
-            if state.session_id != session_id or state.expired_attributes or state._deleted:
+        for state, loaded in self._states:
+            if (
+                state.session_id != session_id
+                or state.expired_attributes
+                or state._deleted
+                or len(state.dict) < loaded  # an attribute or collection was unloaded since
+            ):
                 return False
         return True
 
@@ -91,8 +96,10 @@ class ReplayResult(IteratorResult[Any]):
         return super()._allrows()
 
 
-def _instance_states(frozen: FrozenResult[Any]) -> list[InstanceState[Any]]:
-    """The states of the top-level ORM instances in the frozen rows."""
+def _instance_states(frozen: FrozenResult[Any]) -> list[tuple[InstanceState[Any], int]]:
+    """The states of the top-level ORM instances in the frozen rows, with how many
+    attributes each had loaded (a ``populate_existing`` load can reset an eager collection
+    without expiring it; a replay must not hand it back unloaded)."""
     rows: Sequence[Any] = frozen.data
     if frozen._source_supports_scalars:
         values: Any = rows
@@ -102,7 +109,7 @@ def _instance_states(frozen: FrozenResult[Any]) -> list[InstanceState[Any]]:
     for value in values:
         state = getattr(value, "_sa_instance_state", None)
         if isinstance(state, InstanceState):
-            states.append(state)
+            states.append((state, len(state.dict)))
     return states
 
 

@@ -34,8 +34,7 @@ from sqlalchemy.sql import Executable
 from ._exceptions import UncacheableStatementWarning
 from ._flight import run_once
 from ._local import LocalStore
-from ._payload import Payload, UnencodableResult, UnreadablePayload, encode, materialize
-from ._results import FrozenRows
+from ._payload import Payload, UnencodableResult, UnreadablePayload, fetch_payload, materialize
 from ._shapes import Shape, UnstableKeyError, shape_of, stable_key
 from ._statements import ALL_TABLES
 from ._stats import RegionStats, StatementStats
@@ -46,6 +45,9 @@ logger = logging.getLogger("async_session_cache")
 
 T = TypeVar("T")
 RunQuery = Callable[[], Awaitable[Result[Any]]]
+"""Runs the statement in the caller's session (a fallback when rows cannot be shared)."""
+FetchPayload = Callable[[], Awaitable[Payload]]
+"""Runs the statement in a clean session on the caller's connection and encodes the rows."""
 
 
 class _Failed:
@@ -112,9 +114,12 @@ class SharedRegion:
         key: Hashable,
         expiration_time: float | None,
         run: RunQuery | None = None,
+        fetch: FetchPayload | None = None,
     ) -> Result[Any] | None:
         """The result of ``statement`` through this region, or ``None`` when it must take
-        the local region instead (uncommitted writes, an unstable key)."""
+        the local region instead (uncommitted writes, an unstable key). ``run`` and
+        ``fetch`` override how a miss executes (the ORM-option route runs inside
+        SQLAlchemy's greenlet)."""
         shape = shape_of(statement, key, local.dialect)
         if self._touches_uncommitted(local, shape):
             return None
@@ -134,6 +139,7 @@ class SharedRegion:
             token_keys=self._keys_for(shape.tables),
             expiration_time=expiration_time,
             run=run or _default_run(local, statement),
+            fetch=fetch or _default_fetch(local, statement, shape),
             counters=self.stats.of(key, statement),
         )
         if skey in self.inflight:
@@ -191,7 +197,7 @@ class SharedRegion:
             if result is not None:
                 self.stats.coalesced += 1
                 return result
-        return await self._timed_run(call)  # the filler could not share its rows
+        return await call.run()  # the filler could not share its rows
 
     async def _fill(self, call: _Call) -> tuple[Result[Any], Payload | None]:
         """Run the query (under the cross-process fill lock) and store its payload."""
@@ -211,29 +217,25 @@ class SharedRegion:
             if call.tokens is None:
                 ensured = await self._guard(self.store.ensure_tokens(call.token_keys))
                 call.tokens = None if isinstance(ensured, _Failed) else ensured
-            rows = FrozenRows(await self._timed_run(call))
-            payload = await self._store(call, rows)
-            return rows.replay(), payload
+            began = time.perf_counter()
+            try:
+                payload = await call.fetch()
+            except UnencodableResult as exc:
+                self._warn_once(call.shape.digest, f"{exc}; it is not cached")
+                call.counters.miss(time.perf_counter() - began)
+                return await call.run(), None
+            call.counters.miss(time.perf_counter() - began)
+            await self._store(call, payload)
+            result = self._rebuild(payload, call)
+            return (result if result is not None else await call.run()), payload
         finally:
             if isinstance(lock, str):
                 await self._guard(self.store.release(call.skey, lock))
 
-    async def _timed_run(self, call: _Call) -> Result[Any]:
-        began = time.perf_counter()
-        result = await call.run()
-        call.counters.miss(time.perf_counter() - began)
-        return result
-
-    async def _store(self, call: _Call, rows: FrozenRows) -> Payload | None:
-        """Encode the fill and write it if its tables' tokens are still those read before
-        the query ran; the payload (for waiters), or None if it cannot be shared."""
-        try:
-            payload = encode(rows.frozen, rows.requires_unique, call.shape)
-        except UnencodableResult as exc:
-            self._warn_once(call.shape.digest, f"{exc}; it is not cached")
-            return None
+    async def _store(self, call: _Call, payload: Payload) -> None:
+        """Write the fill if its tables' tokens are still those read before the query ran."""
         if call.tokens is None:
-            return payload
+            return
         ttl = call.expiration_time if call.expiration_time is not None else self.default_ttl
         try:
             written = await self._guard(
@@ -241,10 +243,9 @@ class SharedRegion:
             )
         except UnencodableResult as exc:
             self._warn_once(call.shape.digest, f"{exc}; it is not cached")
-            return payload
+            return
         if isinstance(written, int):
             call.counters.fill(written)
-        return payload
 
     async def _wait_for_other_process(self, call: _Call) -> tuple[Result[Any], Payload] | None:
         """Poll for the fill another process holds the lock for; None when it ends (or its
@@ -387,9 +388,20 @@ class _Call:
     token_keys: list[str]
     expiration_time: float | None
     run: RunQuery
+    fetch: FetchPayload
     counters: StatementStats
     tokens: list[str] | None = None
     """Current tokens of ``token_keys`` read before the query ran (None: unknown)."""
+
+
+def _default_fetch(local: LocalStore, statement: Executable, shape: Shape) -> FetchPayload:
+    async def fetch() -> Payload:
+        async with local.lock:
+            return await local.session.run_sync(
+                lambda session: fetch_payload(session, statement, shape)
+            )
+
+    return fetch
 
 
 def _default_run(local: LocalStore, statement: Executable) -> RunQuery:
