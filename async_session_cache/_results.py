@@ -54,12 +54,12 @@ class FrozenRows:
         ones, so a payload holding any of those must not be served.
         """
         session_id = session.hash_key
-        for state, loaded in self._states:
+        for state, loaded, expired in self._states:
             if (
                 state.session_id != session_id
-                or state.expired_attributes
                 or state._deleted
                 or len(state.dict) < loaded  # an attribute or collection was unloaded since
+                or len(state.expired_attributes) > expired  # more expired than the load left
             ):
                 return False
         return True
@@ -96,10 +96,12 @@ class ReplayResult(IteratorResult[Any]):
         return super()._allrows()
 
 
-def _instance_states(frozen: FrozenResult[Any]) -> list[tuple[InstanceState[Any], int]]:
+def _instance_states(frozen: FrozenResult[Any]) -> list[tuple[InstanceState[Any], int, int]]:
     """The states of the top-level ORM instances in the frozen rows, with how many
-    attributes each had loaded (a ``populate_existing`` load can reset an eager collection
-    without expiring it; a replay must not hand it back unloaded)."""
+    attributes each had loaded and expired after the load. A later ``expire()`` or commit
+    expiry grows the second; a ``populate_existing`` load that resets an eager collection
+    without expiring it shrinks the first. (A polymorphic load leaves subclass columns
+    expired by design: that alone must not make the entry unservable.)"""
     rows: Sequence[Any] = frozen.data
     if frozen._source_supports_scalars:
         values: Any = rows
@@ -109,7 +111,7 @@ def _instance_states(frozen: FrozenResult[Any]) -> list[tuple[InstanceState[Any]
     for value in values:
         state = getattr(value, "_sa_instance_state", None)
         if isinstance(state, InstanceState):
-            states.append((state, len(state.dict)))
+            states.append((state, len(state.dict), len(state.expired_attributes)))
     return states
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table, TypeDecorator
+from sqlalchemy import Column, ForeignKey, Integer, String, Table, TypeDecorator, func, select
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 
 
 class Base(AsyncAttrs, DeclarativeBase):
@@ -58,6 +58,39 @@ class Audit(Base):
     note: Mapped[str] = mapped_column(String(100))
 
 
+class Employee(Base):
+    """Joined-table inheritance: a Manager's rows live in two tables."""
+
+    __tablename__ = "employees"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {  # noqa: RUF012  (SQLAlchemy's declarative convention)
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "employee",
+    }
+
+
+class Manager(Employee):
+    __tablename__ = "managers"
+
+    id: Mapped[int] = mapped_column(ForeignKey("employees.id"), primary_key=True)
+    budget: Mapped[int] = mapped_column(Integer)
+    __mapper_args__ = {"polymorphic_identity": "manager"}  # noqa: RUF012
+
+
+class UserWithCount(Base):
+    """A second mapping of users whose column property reads the addresses table."""
+
+    __table__ = User.__table__
+    address_count: Mapped[int] = column_property(
+        select(func.count(Address.id))
+        .where(Address.user_id == User.__table__.c.id)
+        .scalar_subquery()
+    )
+
+
 class NoCacheKeyString(TypeDecorator[str]):
     """A TypeDecorator that does not declare cache_ok, so SQLAlchemy cannot key it."""
 
@@ -68,7 +101,8 @@ USER_COUNT = 10
 
 
 async def seed(session: AsyncSession) -> None:
-    """Ten users (u0..u9, ages 20..29) with two addresses each and two tags apiece."""
+    """Ten users (u0..u9, ages 20..29) with two addresses each and two tags apiece; an
+    employee and a manager."""
     tags = [Tag(id=i + 1, label=f"t{i}") for i in range(3)]
     session.add_all(tags)
     for i in range(USER_COUNT):
@@ -76,6 +110,7 @@ async def seed(session: AsyncSession) -> None:
         user.addresses = [Address(email=f"u{i}-{j}@example.com") for j in range(2)]
         user.tags = [tags[i % 3], tags[(i + 1) % 3]]
         session.add(user)
+    session.add_all([Employee(id=1, name="eve"), Manager(id=2, name="max", budget=100)])
     await session.commit()
 
 

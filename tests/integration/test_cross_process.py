@@ -43,10 +43,17 @@ CHILD_TIMEOUT = 60.0
 # -- fixtures and helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """The URL of a SQLite database file that every process can open."""
-    return f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a database every process can open: a SQLite file, or a PostgreSQL
+    database of this test's own."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url.rsplit("/", 1)[1])
 
 
 @pytest.fixture

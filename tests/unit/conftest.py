@@ -48,7 +48,7 @@ class SQLLog:
 
     @property
     def selects(self) -> list[str]:
-        return [s for s in self.statements if s.lstrip().upper().startswith("SELECT")]
+        return [s for s in self.statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
 
     def count(self) -> int:
         return len(self.statements)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from async_session_cache import SessionCache, cached_execute
-from tests.models import Address, Audit, Tag, User, user_tags
+from tests.models import (
+    Address,
+    Audit,
+    Employee,
+    Manager,
+    Tag,
+    User,
+    UserWithCount,
+    as_plain,
+    user_tags,
+)
 from tests.unit.conftest import SQLLog
 
 
@@ -250,3 +262,68 @@ async def test_text_writes_can_declare_their_tables(cache: SessionCache, sql: SQ
         )
         await cached_execute(select(User.id))
         assert len(sql.selects) == queries + 1
+
+
+def _cte_counts() -> Any:
+    counts = (
+        select(Address.user_id, func.count().label("n")).group_by(Address.user_id).cte("counts")
+    )
+    return select(User.name, counts.c.n).join(counts, counts.c.user_id == User.id).order_by(User.id)
+
+
+DEPENDENT_READS = {
+    "joined inheritance": (
+        lambda: select(Manager),
+        lambda: update(Employee.__table__).values(name="x"),
+    ),
+    "polymorphic base": (
+        lambda: select(Employee).order_by(Employee.id),
+        lambda: update(Manager.__table__).values(budget=1),
+    ),
+    "cte": (_cte_counts, lambda: delete(Address).where(Address.id == 1)),
+    "subquery": (
+        lambda: select(User.id).where(User.id.in_(select(Address.user_id).where(Address.id < 5))),
+        lambda: delete(Address).where(Address.id == 2),
+    ),
+    "column property": (
+        lambda: select(UserWithCount).order_by(UserWithCount.id),
+        lambda: delete(Address).where(Address.id == 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPENDENT_READS))
+async def test_reads_depend_on_every_table_they_touch(
+    cache: SessionCache, sql: SQLLog, name: str
+) -> None:
+    """Inheritance tables, CTEs, subqueries and column properties count as tables read."""
+    read, write = DEPENDENT_READS[name]
+    async with cache.scope() as session:
+        await cached_execute(read())
+        queries = len(sql.selects)
+        await cached_execute(read())
+        assert len(sql.selects) == queries  # cached
+        await session.execute(write())
+        fresh = (await cached_execute(read())).all()
+        assert len(sql.selects) > queries  # the write made it a miss
+        truth = (await session.execute(read().execution_options(populate_existing=True))).all()
+    assert as_plain(fresh) == as_plain(truth)
+
+
+@pytest.mark.parametrize("name", sorted(DEPENDENT_READS))
+async def test_shared_reads_depend_on_every_table_they_touch(
+    shared_cache: SessionCache, name: str
+) -> None:
+    """A commit to a table reached through inheritance, a CTE, a subquery or a column
+    property makes the shared entry stale."""
+    read, write = DEPENDENT_READS[name]
+    async with shared_cache.scope():
+        await cached_execute(read(), region="shared")
+    async with shared_cache.scope() as writer:
+        await writer.execute(write())
+        await writer.commit()
+    async with shared_cache.scope() as session:
+        fresh = (await cached_execute(read(), region="shared")).all()
+        truth = (await session.execute(read())).all()
+    assert as_plain(fresh) == as_plain(truth)
+    assert shared_cache.statement_stats()["shared"][0]["misses"] == 2
