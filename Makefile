@@ -36,6 +36,11 @@ check: venv services
 demo: venv
 	$(BIN)/python examples/demo.py
 
+# The FastAPI catalogue example (env: see examples/catalogue/__init__.py).
+.PHONY: serve
+serve: venv
+	$(BIN)/python -m uvicorn examples.catalogue.app:app --host 127.0.0.1 --port 8000
+
 # Both benchmarks always run; the status is the first failure's (1: target missed, 2: check).
 bench: venv
 	$(BIN)/python benchmarks/bench_local.py $(BENCH_ARGS) || status=$$?; \
