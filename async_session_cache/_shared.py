@@ -142,18 +142,29 @@ class SharedRegion:
             fetch=fetch or _default_fetch(local, statement, shape),
             counters=self.stats.of(key, statement),
         )
-        if skey in self.inflight:
-            return await self._fill_once(call)  # a fill of this key is running here: join it
-        if not self._pending_bumps or await self._pending_bumps_written():
-            found = await self._read(call, first=True)
-            if found is not None:
-                call.counters.hit()
-                if self.verifier is not None and self.verifier.wants():
-                    second = self._rebuild(found[1], call)
-                    if second is not None:
-                        await self.verifier.check(local, statement, second, self.stats)
-                return found[0]
-        return await self._fill_once(call)
+        if not self.store.remote and skey not in self.inflight:
+            # An in-process read costs nothing: only misses need sharing.
+            found = await self._lookup(call, statement)
+            return found[0] if found is not None else await self._once(call, read=False)
+        # A network read is shared too: a burst of requests for one key makes one round
+        # trip, not a queue of them that times out.
+        return await self._once(call, read=True, statement=statement)
+
+    async def _lookup(
+        self, call: _Call, statement: Executable
+    ) -> tuple[Result[Any], Payload] | None:
+        """The current entry rebuilt in the caller's session, counted as a hit (and shadow
+        verified when sampled); None on a miss."""
+        if self._pending_bumps and not await self._pending_bumps_written():
+            return None
+        found = await self._read(call, first=True)
+        if found is not None:
+            call.counters.hit()
+            if self.verifier is not None and self.verifier.wants():
+                second = self._rebuild(found[1], call)
+                if second is not None:
+                    await self.verifier.check(call.local, statement, second, self.stats)
+        return found
 
     async def _read(
         self, call: _Call, *, first: bool = False
@@ -179,25 +190,33 @@ class SharedRegion:
         result = self._rebuild(payload, call)
         return None if result is None else (result, payload)
 
-    async def _fill_once(self, call: _Call) -> Result[Any]:
-        """Fill ``call``'s key once per process; waiters rebuild the filler's payload."""
-        filled: Result[Any] | None = None
+    async def _once(
+        self, call: _Call, *, read: bool, statement: Executable | None = None
+    ) -> Result[Any]:
+        """Read (when ``read``) and else fill ``call``'s key once per process; concurrent
+        callers of the key rebuild the first caller's payload in their own sessions."""
+        produced: Result[Any] | None = None
 
-        async def fill() -> Payload | None:
-            nonlocal filled
-            filled, payload = await self._fill(call)
+        async def lead() -> Payload | None:
+            nonlocal produced
+            if read and statement is not None:
+                found = await self._lookup(call, statement)
+                if found is not None:
+                    produced = found[0]
+                    return found[1]
+            produced, payload = await self._fill(call)
             return payload
 
-        payload, ran = await run_once(self.inflight, call.skey, fill)
+        payload, ran = await run_once(self.inflight, call.skey, lead)
         if ran:
-            assert filled is not None
-            return filled
+            assert produced is not None
+            return produced
         if payload is not None:
             result = self._rebuild(payload, call)
             if result is not None:
                 self.stats.coalesced += 1
                 return result
-        return await call.run()  # the filler could not share its rows
+        return await call.run()  # the first caller could not share its rows
 
     async def _fill(self, call: _Call) -> tuple[Result[Any], Payload | None]:
         """Run the query (under the cross-process fill lock) and store its payload."""

@@ -19,7 +19,7 @@ class RegionStats:
     """What one region did since the SessionCache was created.
 
     ``hits`` were served from the cache; ``misses`` ran the query to fill it; ``coalesced``
-    waited for a concurrent miss of the same key instead of querying; ``fills`` stored a
+    waited for a concurrent read or miss of the same key in this process instead; ``fills`` stored a
     result; ``invalidations`` dropped entries (writes or ``invalidate()``); ``bypasses`` ran
     uncached (uncacheable or live-read statements); ``verified`` and ``mismatches`` count
     shadow verifications. Shared regions also count ``errors`` (store failures, timeouts,
