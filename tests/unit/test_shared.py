@@ -267,3 +267,34 @@ async def test_a_read_only_commit_invalidates_nothing(
         queries = len(sql.selects)
         await cached_execute(statement, region="shared")
         assert len(sql.selects) == queries
+
+
+async def test_a_burst_of_reads_of_one_key_makes_one_network_read(
+    shared_cache: SessionCache, sql: SQLLog
+) -> None:
+    """Concurrent hits of one key share a single store read on a network store."""
+    shared = shared_cache.shared("shared")
+    assert shared is not None
+    statement: Callable[[], Any] = lambda: select(User.name).where(User.id == 9)  # noqa: E731
+    async with shared_cache.scope():
+        await cached_execute(statement(), region="shared")
+    reads = 0
+    original = shared.store.read
+
+    async def counting_read(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(*args)
+
+    shared.store.read = counting_read  # type: ignore[method-assign]
+
+    async def request() -> str:
+        async with shared_cache.scope():
+            return str((await cached_execute(statement(), region="shared")).scalar_one())
+
+    queries = len(sql.selects)
+    names = await asyncio.gather(*(request() for _ in range(200)))
+    assert names == ["u8"] * 200
+    assert len(sql.selects) == queries
+    assert reads == (1 if shared.store.remote else 200)
+    assert shared_cache.stats()["shared"]["errors"] == 0
