@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -63,30 +62,6 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await create_and_seed(engine)
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def sql(engine: AsyncEngine) -> Iterator[SQLLog]:
-    """Records the statements the parent's engine sends from here on."""
-    with SQLLog(engine) as log:
-        yield log
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix of this test's own."""
-    return f"xp-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer, prefix: str) -> AsyncIterator[Redis]:
-    """A plain client of the shared redis; deletes the test's keys afterwards."""
-    client = Redis.from_url(redis_server.url)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 async def create_and_seed(engine: AsyncEngine) -> None:

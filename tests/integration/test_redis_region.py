@@ -7,8 +7,7 @@ import asyncio
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,30 +43,6 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await seed(session)
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def sql(engine: AsyncEngine) -> Iterator[SQLLog]:
-    """Records the statements the engine sends from here on."""
-    with SQLLog(engine) as log:
-        yield log
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix of this test's own."""
-    return f"it-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer, prefix: str) -> AsyncIterator[Redis]:
-    """A plain client of the shared redis; deletes the test's keys afterwards."""
-    client = Redis.from_url(redis_server.url)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @asynccontextmanager
