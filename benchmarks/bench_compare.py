@@ -71,9 +71,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import recipe
+from aggregate import ORDERS, orders_table, sales_by_city_and_age
 from bench_local import PK, ROWS, CheckFailed, User, populate, users_table
 from dogpile.cache import make_region
-from sqlalchemy import Column, Integer, MetaData, String, Table, case, event, func, select, text
+from sqlalchemy import case, event, func, select, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import (
@@ -97,17 +98,7 @@ except ImportError as exc:  # pragma: no cover - a setup problem, not a result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDERS = 200_000
 STAMPEDE_MARK = "STAMPEDE_RESULT "
-
-orders_table = Table(
-    "orders",
-    MetaData(),
-    Column("id", Integer, primary_key=True),
-    Column("user_id", Integer, nullable=False),
-    Column("amount_cents", Integer, nullable=False),
-    Column("status", String(16), nullable=False),
-)
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -122,26 +113,6 @@ class Workload:
     consume: Callable[[Any], Any]
     hand_key: str
     """The key a user writes for hand-rolled caching (aiocache, cashews)."""
-
-
-def _sales_by_city_and_age() -> Any:
-    users, orders = users_table, orders_table
-    age_from = ((users.c.age // 5) * 5).label("age_from")
-    total = func.sum(orders.c.amount_cents).label("total")
-    return (
-        select(
-            users.c.city,
-            age_from,
-            func.count(orders.c.id).label("orders"),
-            total,
-            func.round(func.avg(orders.c.amount_cents), 2).label("average"),
-        )
-        .join_from(orders, users, orders.c.user_id == users.c.id)
-        .where(orders.c.status != "cancelled")
-        .group_by(users.c.city, age_from)
-        .order_by(total.desc(), users.c.city, age_from)
-        .limit(20)
-    )
 
 
 def _city_stats() -> Any:
@@ -182,7 +153,7 @@ WORKLOADS = [
     ),
     Workload(
         f"join+agg {ORDERS // 1000}k",
-        _sales_by_city_and_age,
+        sales_by_city_and_age,
         lambda result: result.all(),
         "report:sales-by-city-and-age",
     ),

@@ -59,6 +59,7 @@ from typing import Any
 import aiosqlite
 import dogpile
 import sqlalchemy
+from aggregate import ORDERS, orders_table, sales_by_city_and_age
 from bench_local import (
     GATED_VARIANT,
     QUERIES,
@@ -67,20 +68,10 @@ from bench_local import (
     CheckFailed,
     Query,
     populate,
-    users_table,
 )
 from dogpile.cache import make_region
 from sqlalchemy import (
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    Numeric,
-    String,
-    Table,
     event,
-    func,
-    select,
     text,
 )
 from sqlalchemy.ext.asyncio import (
@@ -96,46 +87,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_shared.json"
 TARGETS = {"1 ORM row by PK": 12.0, "100 ORM rows": 2.5, "1000 Core rows": 40.0}
 """Part A gate: uncached / memory-hit median ratio, request scope, execute timer, prebuilt."""
-ORDERS = 200_000
 PATHS = ("uncached", "cached")
 SCOPES = ("request", "session")
 """``request``: a new scope per call (gated); ``session``: one scope for a whole batch."""
 GATED_SCOPE = "request"
 
-orders_table = Table(
-    "orders",
-    MetaData(),
-    Column("id", Integer, primary_key=True),
-    Column("user_id", Integer, nullable=False),
-    Column("amount", Numeric(10, 2), nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("created_at", DateTime, nullable=False),
-)
-
-
-def _sales_by_city_and_age() -> Any:
-    users, orders = users_table, orders_table
-    age_from = ((users.c.age // 5) * 5).label("age_from")
-    total = func.sum(orders.c.amount).label("total")
-    return (
-        select(
-            users.c.city,
-            age_from,
-            func.count(orders.c.id).label("orders"),
-            total,
-            func.round(func.avg(orders.c.amount), 4).label("average"),
-        )
-        .join_from(orders, users, orders.c.user_id == users.c.id)
-        .where(orders.c.status != "cancelled")
-        .group_by(users.c.city, age_from)
-        .order_by(total.desc(), users.c.city, age_from)
-        .limit(20)
-    )
-
 
 EXPENSIVE = Query(
     f"join+agg {ORDERS // 1000}k",
-    _sales_by_city_and_age,
+    sales_by_city_and_age,
     lambda result: result.all(),
     lambda rows: [tuple(row) for row in rows],
 )
@@ -572,8 +532,8 @@ async def seed_postgres(engine: AsyncEngine) -> None:
         await connection.run_sync(orders_table.metadata.create_all)
         await connection.execute(
             text(
-                "INSERT INTO orders (id, user_id, amount, status, created_at) "
-                "SELECT g, 1 + (g * 7919) % :users, ((g * 37) % 50000) / 100.0, "
+                "INSERT INTO orders (id, user_id, amount_cents, status, created_at) "
+                "SELECT g, 1 + (g * 7919) % :users, (g * 37) % 50000, "
                 "(ARRAY['paid', 'shipped', 'cancelled', 'refunded'])[1 + g % 4], "
                 "TIMESTAMP '2024-01-01' + g * INTERVAL '1 minute' "
                 "FROM generate_series(1, :orders) AS g"
