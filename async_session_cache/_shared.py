@@ -138,8 +138,9 @@ class SharedRegion:
             skey=skey,
             token_keys=self._keys_for(shape.tables),
             expiration_time=expiration_time,
-            run=run or _default_run(local, statement),
-            fetch=fetch or _default_fetch(local, statement, shape),
+            statement=statement,
+            run_override=run,
+            fetch_override=fetch,
             counters=self.stats.of(key, statement),
         )
         if not self.store.remote and skey not in self.inflight:
@@ -399,33 +400,35 @@ class SharedRegion:
 
 @dataclass(slots=True)
 class _Call:
-    """One read through a shared region: where it runs, what it keys, how it fills."""
+    """One read through a shared region: where it runs, what it keys, how it fills.
+
+    The ways to run the query are made only when a miss needs them, not on every hit."""
 
     local: LocalStore
     shape: Shape
     skey: str
     token_keys: list[str]
     expiration_time: float | None
-    run: RunQuery
-    fetch: FetchPayload
+    statement: Executable
+    run_override: RunQuery | None
+    fetch_override: FetchPayload | None
     counters: StatementStats
     tokens: list[str] | None = None
     """Current tokens of ``token_keys`` read before the query ran (None: unknown)."""
 
+    async def run(self) -> Result[Any]:
+        """The statement's result in the caller's session (when rows cannot be shared)."""
+        if self.run_override is not None:
+            return await self.run_override()
+        async with self.local.lock:
+            return await self.local.session.execute(self.statement)
 
-def _default_fetch(local: LocalStore, statement: Executable, shape: Shape) -> FetchPayload:
-    async def fetch() -> Payload:
-        async with local.lock:
-            return await local.session.run_sync(
+    async def fetch(self) -> Payload:
+        """The statement's rows, read in a clean session on the caller's connection."""
+        if self.fetch_override is not None:
+            return await self.fetch_override()
+        statement, shape = self.statement, self.shape
+        async with self.local.lock:
+            return await self.local.session.run_sync(
                 lambda session: fetch_payload(session, statement, shape)
             )
-
-    return fetch
-
-
-def _default_run(local: LocalStore, statement: Executable) -> RunQuery:
-    async def run() -> Result[Any]:
-        async with local.lock:
-            return await local.session.execute(statement)
-
-    return run

@@ -77,12 +77,26 @@ def statement_key(
     values = tuple([_hashable(bind.effective_value) for bind in cache_key.bindparams])
     options = statement._execution_options
     return (
-        cache_key.key,
+        _Shape(cache_key.key),
         values,
         _hashable(dict(options)) if options else (),
         _hashable(parameters) if parameters else (),
         _hashable(dict(execution_options)) if execution_options else (),
     )
+
+
+class _Shape(tuple[Any, ...]):
+    """SQLAlchemy's structural cache key, hashed once: a hit looks it up several times
+    (entries, shapes, statistics), and a large nested tuple rehashes in full each time."""
+
+    _hash: int
+
+    def __hash__(self) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = tuple.__hash__(self)
+            return self._hash
 
 
 def _hashable(value: Any) -> Any:
