@@ -75,6 +75,25 @@ class Payload:
     has_unloaded: bool
     nbytes: int
     _rows_cache: list[Any] | None = field(default=None, repr=False)
+    _plans_cache: list[MapperPlan] | None = field(default=None, repr=False)
+    _attributes_cache: Any = field(default=None, repr=False)
+    """Worked out on the first rebuild: in-process payloads are rebuilt by every hit."""
+
+    def plans(self, shape: Shape) -> list[MapperPlan]:
+        """The ``MapperPlan`` of each mapper the payload names, in ``mappers`` order."""
+        plans = self._plans_cache
+        if plans is None:
+            plans = self._plans_cache = [plan_of(shape.mappers[name]) for name in self.mappers]
+        return plans
+
+    def result_attributes(self, base: Any) -> Any:
+        """``Result._attributes`` of a rebuilt result (``base``: a new result's own)."""
+        attributes = self._attributes_cache
+        if attributes is None:
+            attributes = self._attributes_cache = base.union(
+                {"filtered": self.filtered, "is_single_entity": self.single_entity}
+            )
+        return attributes
 
 
 def encode(frozen: FrozenResult[Any], requires_unique: bool, shape: Shape) -> Payload:
@@ -236,9 +255,7 @@ def materialize(payload: Payload, shape: Shape, session: Session) -> Result[Any]
         raise UnreadablePayload(f"payload does not fit this process: {exc!r}") from exc
     result = ReplayResult(shape.metadata, iter(rows))
     result._source_supports_scalars = payload.single_entity
-    result._attributes = result._attributes.union(
-        {"filtered": payload.filtered, "is_single_entity": payload.single_entity}
-    )
+    result._attributes = payload.result_attributes(result._attributes)
     if payload.requires_unique:
         result._unique_filter_state = (set(), _require_unique)
     if not payload.single_entity and not payload.entity_columns and not payload.has_mutable:
@@ -301,7 +318,7 @@ class _Materializer:
     def __init__(self, payload: Payload, shape: Shape, session: Session) -> None:
         self.payload = payload
         self.session = session
-        self.plans = [plan_of(shape.mappers[name]) for name in payload.mappers]
+        self.plans = payload.plans(shape)
 
     def instances(self) -> list[Any]:
         """Every entity record as an instance of the session: existing ones reused (their

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,6 +27,7 @@ from dogpile.cache.api import CacheBackend
 
 from ._exceptions import AsyncSessionCacheError
 from ._payload import Payload, dumps, loads
+from ._shapes import Shape, stable_key
 from ._stores import new_token
 
 _ENSURE_TOKENS = """
@@ -117,6 +118,10 @@ class RedisStore:
     def __init__(self, backend: AsyncRedisBackend) -> None:
         self.backend = backend
         self._prefix = backend.prefix + ":"
+
+    def key_for(self, shape: Shape, key: Hashable) -> str:
+        """The stable string key: equal in every process for equal executions."""
+        return stable_key(shape, key)
 
     def _key(self, key: str) -> str:
         return self._prefix + key

@@ -35,10 +35,10 @@ from ._exceptions import UncacheableStatementWarning
 from ._flight import run_once
 from ._local import LocalStore
 from ._payload import Payload, UnencodableResult, UnreadablePayload, fetch_payload, materialize
-from ._shapes import Shape, UnstableKeyError, shape_of, stable_key
+from ._shapes import Shape, UnstableKeyError, shape_of
 from ._statements import ALL_TABLES
 from ._stats import RegionStats, StatementStats
-from ._stores import store_for
+from ._stores import InProcessStore, store_for
 from ._verify import ShadowVerifier
 
 logger = logging.getLogger("async_session_cache")
@@ -92,6 +92,8 @@ class SharedRegion:
         self.name = name
         self.verifier = verifier
         self.store = store_for(name, region)
+        self._in_process = self.store if isinstance(self.store, InProcessStore) else None
+        """The store again when hits can be read without awaiting (in-process)."""
         self.stats = stats
         self.timeout = timeout
         self.lock_timeout = lock_timeout
@@ -99,6 +101,7 @@ class SharedRegion:
         expiration = region.expiration_time
         self.default_ttl: float | None = expiration if expiration and expiration > 0 else None
         self.inflight: dict[Hashable, asyncio.Future[Payload | None]] = {}
+        """Reads and fills under way in this process, by store key."""
         self._token_keys: dict[frozenset[str], list[str]] = {}
         self._outage_since: float | None = None
         self._retry_at = 0.0
@@ -124,7 +127,7 @@ class SharedRegion:
         if self._touches_uncommitted(local, shape):
             return None
         try:
-            skey = stable_key(shape, key)
+            skey = self.store.key_for(shape, key)
         except UnstableKeyError:
             self._warn_once(
                 shape.digest,
@@ -132,24 +135,56 @@ class SharedRegion:
                 "it is cached in the local region only",
             )
             return None
+        token_keys = self._keys_for(shape.tables)
+        counters = self.stats.of(key, statement)
+        in_process = self._in_process
+        if in_process is not None and skey not in self.inflight:
+            # An in-process read is plain Python (no coroutine, no I/O): only misses need
+            # sharing.
+            if not self._pending_bumps or await self._pending_bumps_written():
+                found = self._current_in_process(
+                    in_process, local, shape, skey, token_keys, counters
+                )
+                if found is not None:
+                    counters.hit()
+                    await self._maybe_verify(local, statement, shape, found[1])
+                    return found[0]
         call = _Call(
             local=local,
             shape=shape,
             skey=skey,
-            token_keys=self._keys_for(shape.tables),
+            token_keys=token_keys,
             expiration_time=expiration_time,
             statement=statement,
             run_override=run,
             fetch_override=fetch,
-            counters=self.stats.of(key, statement),
+            counters=counters,
         )
-        if not self.store.remote and skey not in self.inflight:
-            # An in-process read costs nothing: only misses need sharing.
-            found = await self._lookup(call, statement)
-            return found[0] if found is not None else await self._once(call, read=False)
+        if in_process is not None:
+            return await self._once(call, read=False)
         # A network read is shared too: a burst of requests for one key makes one round
         # trip, not a queue of them that times out.
         return await self._once(call, read=True, statement=statement)
+
+    def _current_in_process(
+        self,
+        store: InProcessStore,
+        local: LocalStore,
+        shape: Shape,
+        skey: Hashable,
+        token_keys: list[str],
+        counters: StatementStats,
+    ) -> tuple[Result[Any], Payload] | None:
+        """The in-process entry rebuilt in the caller's session if it is current; None
+        (a stale one counted as an invalidation) otherwise."""
+        payload, stored_tokens, current = store.read_now(skey, token_keys)
+        if payload is None or stored_tokens is None:
+            return None
+        if stored_tokens != tuple(current):
+            counters.invalidations += 1  # filled before a commit to one of its tables
+            return None
+        result = self._rebuild(payload, shape, local)
+        return None if result is None else (result, payload)
 
     async def _lookup(
         self, call: _Call, statement: Executable
@@ -161,11 +196,17 @@ class SharedRegion:
         found = await self._read(call, first=True)
         if found is not None:
             call.counters.hit()
-            if self.verifier is not None and self.verifier.wants():
-                second = self._rebuild(found[1], call)
-                if second is not None:
-                    await self.verifier.check(call.local, statement, second, self.stats)
+            await self._maybe_verify(call.local, statement, call.shape, found[1])
         return found
+
+    async def _maybe_verify(
+        self, local: LocalStore, statement: Executable, shape: Shape, payload: Payload
+    ) -> None:
+        """Shadow verify a sampled hit: a second rebuild against an uncached read."""
+        if self.verifier is not None and self.verifier.wants():
+            second = self._rebuild(payload, shape, local)
+            if second is not None:
+                await self.verifier.check(local, statement, second, self.stats)
 
     async def _read(
         self, call: _Call, *, first: bool = False
@@ -188,7 +229,7 @@ class SharedRegion:
             if first:
                 call.counters.invalidations += 1  # filled before a commit to one of its tables
             return None
-        result = self._rebuild(payload, call)
+        result = self._rebuild(payload, call.shape, call.local)
         return None if result is None else (result, payload)
 
     async def _once(
@@ -213,7 +254,7 @@ class SharedRegion:
             assert produced is not None
             return produced
         if payload is not None:
-            result = self._rebuild(payload, call)
+            result = self._rebuild(payload, call.shape, call.local)
             if result is not None:
                 self.stats.coalesced += 1
                 return result
@@ -246,7 +287,7 @@ class SharedRegion:
                 return await call.run(), None
             call.counters.miss(time.perf_counter() - began)
             await self._store(call, payload)
-            result = self._rebuild(payload, call)
+            result = self._rebuild(payload, call.shape, call.local)
             return (result if result is not None else await call.run()), payload
         finally:
             if isinstance(lock, str):
@@ -288,7 +329,7 @@ class SharedRegion:
         """Drop the entry of one execution of ``statement``."""
         shape = shape_of(statement, key, local.dialect)
         try:
-            skey = stable_key(shape, key)
+            skey = self.store.key_for(shape, key)
         except UnstableKeyError:
             return
         if not isinstance(await self._guard(self.store.delete(skey)), _Failed):
@@ -320,10 +361,10 @@ class SharedRegion:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _rebuild(self, payload: Payload, call: _Call) -> Result[Any] | None:
+    def _rebuild(self, payload: Payload, shape: Shape, local: LocalStore) -> Result[Any] | None:
         """The payload's rows in the caller's session; None (counted) if it cannot be read."""
         try:
-            return materialize(payload, call.shape, call.local.sync_session)
+            return materialize(payload, shape, local.sync_session)
         except UnreadablePayload:
             self.stats.errors += 1
             return None
@@ -406,7 +447,7 @@ class _Call:
 
     local: LocalStore
     shape: Shape
-    skey: str
+    skey: Hashable
     token_keys: list[str]
     expiration_time: float | None
     statement: Executable

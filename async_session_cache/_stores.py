@@ -8,7 +8,9 @@ it was filled under and is served only while they are all current. Random tokens
 counters mean an evicted or lost token can never come back equal to an old one.
 
 ``InProcessStore`` serves dogpile's ``memory`` backend and our bounded one, holding Python
-objects as they are; ``RedisStore`` (in ``_redis.py``) serves the asyncio redis backend.
+objects as they are under in-process keys (nothing leaves the process, so a hit skips the
+stable key); ``RedisStore`` (in ``_redis.py``) serves the asyncio redis backend under
+stable string keys.
 Any other backend would block the event loop or unpickle shared bytes, so it is refused.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +29,7 @@ from dogpile.cache.backends.memory import MemoryBackend, MemoryPickleBackend
 from ._exceptions import AsyncSessionCacheError
 from ._memory import BoundedMemoryBackend
 from ._payload import Payload
+from ._shapes import Shape
 
 
 def new_token() -> str:
@@ -48,13 +51,19 @@ class Stored:
 
 
 class Store(Protocol):
-    """What a shared region asks of its backend."""
+    """What a shared region asks of its backend. ``key`` arguments are what ``key_for``
+    returned."""
 
     remote: bool
     """Whether calls cross the network (and so need a timeout)."""
 
+    def key_for(self, shape: Shape, key: Hashable) -> Any:
+        """The store's key for one execution (``key``: its in-process statement key).
+        Raises ``UnstableKeyError`` when the store needs a stable key and none exists."""
+        ...
+
     async def read(
-        self, key: str, token_keys: Sequence[str]
+        self, key: Any, token_keys: Sequence[str]
     ) -> tuple[Payload | None, tuple[str, ...] | None, list[str | None]]:
         """The payload under ``key`` (or None), the tokens it was filled under, and the
         current tokens of ``token_keys`` (None where missing)."""
@@ -66,7 +75,7 @@ class Store(Protocol):
 
     async def write(
         self,
-        key: str,
+        key: Any,
         payload: Payload,
         token_keys: Sequence[str],
         tokens: Sequence[str],
@@ -79,19 +88,19 @@ class Store(Protocol):
         """Replace the tokens of ``token_keys``: every entry filled under them is stale."""
         ...
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: Any) -> None:
         """Drop the entry under ``key``."""
         ...
 
-    async def acquire(self, key: str, ttl: float) -> str | None:
+    async def acquire(self, key: Any, ttl: float) -> str | None:
         """Take the cross-process fill lock of ``key``; a token, or None if another holds it."""
         ...
 
-    async def release(self, key: str, token: str) -> None:
+    async def release(self, key: Any, token: str) -> None:
         """Give back a fill lock taken with ``token``."""
         ...
 
-    async def is_locked(self, key: str) -> bool:
+    async def is_locked(self, key: Any) -> bool:
         """Whether some process holds the fill lock of ``key``."""
         ...
 
@@ -104,6 +113,11 @@ class InProcessStore:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
 
+    def key_for(self, shape: Shape, key: Hashable) -> Hashable:
+        """The shape's digest (it covers the dialect) and the key's values: equal for equal
+        executions in this process, with no text form to build."""
+        return (shape.digest, key[1:])  # type: ignore[index]
+
     def _tokens(self, token_keys: Sequence[str]) -> list[str | None]:
         get = self.backend.get
         tokens: list[str | None] = []
@@ -113,8 +127,14 @@ class InProcessStore:
         return tokens
 
     async def read(
-        self, key: str, token_keys: Sequence[str]
+        self, key: Any, token_keys: Sequence[str]
     ) -> tuple[Payload | None, tuple[str, ...] | None, list[str | None]]:
+        return self.read_now(key, token_keys)
+
+    def read_now(
+        self, key: Any, token_keys: Sequence[str]
+    ) -> tuple[Payload | None, tuple[str, ...] | None, list[str | None]]:
+        """``read`` without a coroutine: what a hit uses."""
         stored = self.backend.get(key)
         tokens = self._tokens(token_keys)
         if not isinstance(stored, Stored):
@@ -134,7 +154,7 @@ class InProcessStore:
 
     async def write(
         self,
-        key: str,
+        key: Any,
         payload: Payload,
         token_keys: Sequence[str],
         tokens: Sequence[str],
@@ -150,16 +170,16 @@ class InProcessStore:
         for token_key in token_keys:
             self.backend.set(token_key, new_token())
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: Any) -> None:
         self.backend.delete(key)
 
-    async def acquire(self, key: str, ttl: float) -> str | None:
+    async def acquire(self, key: Any, ttl: float) -> str | None:
         return "in-process"  # one process: the region's single-flight already serialises
 
-    async def release(self, key: str, token: str) -> None:
+    async def release(self, key: Any, token: str) -> None:
         return None
 
-    async def is_locked(self, key: str) -> bool:
+    async def is_locked(self, key: Any) -> bool:
         return False
 
 

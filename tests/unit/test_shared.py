@@ -272,21 +272,32 @@ async def test_a_read_only_commit_invalidates_nothing(
 async def test_a_burst_of_reads_of_one_key_makes_one_network_read(
     shared_cache: SessionCache, sql: SQLLog
 ) -> None:
-    """Concurrent hits of one key share a single store read on a network store."""
+    """Concurrent hits of one key share a single store read on a network store (an
+    in-process store is read by each hit, without awaiting)."""
     shared = shared_cache.shared("shared")
     assert shared is not None
     statement: Callable[[], Any] = lambda: select(User.name).where(User.id == 9)  # noqa: E731
     async with shared_cache.scope():
         await cached_execute(statement(), region="shared")
     reads = 0
-    original = shared.store.read
+    if shared.store.remote:
+        original = shared.store.read
 
-    async def counting_read(*args: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        return await original(*args)
+        async def counting_read(*args: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await original(*args)
 
-    shared.store.read = counting_read  # type: ignore[method-assign]
+        shared.store.read = counting_read  # type: ignore[method-assign]
+    else:
+        original_now = shared.store.read_now  # type: ignore[attr-defined]
+
+        def counting_read_now(*args: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return original_now(*args)
+
+        shared.store.read_now = counting_read_now  # type: ignore[attr-defined]
 
     async def request() -> str:
         async with shared_cache.scope():
