@@ -288,12 +288,21 @@ def _require_unique(row: Any) -> Any:
 @dataclass(slots=True, frozen=True)
 class MapperPlan:
     """How payloads store one mapper's instances: column keys in order, where the primary
-    key sits, and how to make an empty instance."""
+    key sits, and how to make an empty instance and reach its ``__dict__``."""
 
     keys: tuple[str, ...]
     pk_positions: tuple[int, ...]
     identity_class: type[Any]
     new_instance: Callable[[], Any]
+    dict_of: Callable[[Any], dict[str, Any]]
+    """The instrumentation's instance-dict getter (``state.dict`` without the weakref)."""
+
+    def identity(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The primary key part of the identity key of a record."""
+        positions = self.pk_positions
+        if len(positions) == 1:
+            return (values[positions[0]],)
+        return tuple([values[p] for p in positions])
 
 
 _plans: dict[Mapper[Any], MapperPlan] = {}
@@ -305,11 +314,13 @@ def plan_of(mapper: Mapper[Any]) -> MapperPlan:
     if plan is None:
         keys = tuple(prop.key for prop in mapper.column_attrs)
         pk_keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+        manager = mapper.class_manager
         plan = _plans[mapper] = MapperPlan(
             keys=keys,
             pk_positions=tuple(keys.index(key) for key in pk_keys),
             identity_class=mapper._identity_class,
-            new_instance=mapper.class_manager.new_instance,
+            new_instance=manager.new_instance,
+            dict_of=manager.dict_getter(),
         )
     return plan
 
@@ -334,35 +345,34 @@ class _Materializer:
         plain = not (self.payload.has_mutable or self.payload.has_unloaded)
         plans = self.plans
         made: list[Any] = []
-        fresh: list[bool] = []
-        for mapper_index, values, _ in self.payload.entities:
+        related: list[tuple[Any, bool, tuple[tuple[str, Any], ...]]] = []
+        for mapper_index, values, relations in self.payload.entities:
             plan = plans[mapper_index]
-            if len(plan.keys) != len(values):
-                raise UnreadablePayload(f"{len(plan.keys)} columns expected, {len(values)} stored")
-            identity = (plan.identity_class, tuple([values[p] for p in plan.pk_positions]), None)
+            keys = plan.keys
+            if len(keys) != len(values):
+                raise UnreadablePayload(f"{len(keys)} columns expected, {len(values)} stored")
+            identity = (plan.identity_class, plan.identity(values), None)
             state = get_state(identity)
             instance = state.obj() if state is not None else None
-            if instance is None:
+            fresh = instance is None
+            if fresh:
                 instance = plan.new_instance()
                 state = instance._sa_instance_state
                 if plain:
-                    state.dict.update(zip(plan.keys, values, strict=True))  # length checked
+                    plan.dict_of(instance).update(zip(keys, values))  # lengths checked
                 else:
-                    self._set(state.dict, plan.keys, values)
+                    self._set(plan.dict_of(instance), keys, values)
                 state.key = identity
                 state.identity_token = None
                 state.session_id = session_id
                 add(state, identity)
-                fresh.append(True)
             else:
-                self._fill_unloaded(instance._sa_instance_state, plan.keys, values)
-                fresh.append(False)
+                self._fill_unloaded(instance._sa_instance_state, keys, values)
             made.append(instance)
-        for instance, is_fresh, (_, _, relations) in zip(
-            made, fresh, self.payload.entities, strict=True
-        ):
             if relations:
-                self._relate(made, instance, is_fresh, relations)
+                related.append((instance, fresh, relations))
+        for instance, fresh, relations in related:
+            self._relate(made, instance, fresh, relations)
         return made
 
     def _set(self, dict_: dict[str, Any], keys: tuple[str, ...], values: tuple[Any, ...]) -> None:

@@ -49,6 +49,12 @@ class Tag(Base):
     label: Mapped[str] = mapped_column(String(20))
 
 
+class UserTag(Base):
+    """The association rows as entities: a composite primary key."""
+
+    __table__ = user_tags
+
+
 class Audit(Base):
     """A table no read in the tests depends on, to show unrelated writes keep entries."""
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import joinedload, selectinload
 
 from async_session_cache import FromCache, SessionCache, cached_execute, invalidate
-from tests.models import Address, Audit, Tag, User
+from tests.models import Address, Audit, Tag, User, UserTag
 from tests.unit.conftest import SQLLog
 from tests.unit.test_cached_execute import CONSUMERS, STATEMENTS, _normal
 
@@ -63,6 +63,26 @@ async def test_entities_are_rebuilt_attached_to_the_readers_session(
                 f"u{user.id - 1}-1@example.com",
             ]
             assert all(address in session for address in user.addresses)
+        assert sql.count() == queries
+
+
+async def test_entities_with_a_composite_primary_key_are_identity_mapped(
+    shared_cache: SessionCache, sql: SQLLog
+) -> None:
+    """A hit's entities keyed by two columns are found by ``get()`` under that key."""
+    statement = select(UserTag).where(UserTag.user_id <= 2)
+    async with shared_cache.scope():
+        await cached_execute(statement.order_by(UserTag.user_id, UserTag.tag_id), region="shared")
+    async with shared_cache.scope() as session:
+        queries = sql.count()
+        rows = (
+            await cached_execute(
+                statement.order_by(UserTag.user_id, UserTag.tag_id), region="shared"
+            )
+        ).scalars().all()
+        assert [(row.user_id, row.tag_id) for row in rows] == [(1, 1), (1, 2), (2, 2), (2, 3)]
+        for row in rows:
+            assert await session.get(UserTag, (row.user_id, row.tag_id)) is row
         assert sql.count() == queries
 
 
