@@ -132,12 +132,29 @@ class SessionCache:
             yield session
         finally:
             try:
-                await self.session.remove()
+                await self._remove()
             finally:
                 if scope.store is not None:
                     scope.store.close()
                     self._stores.discard(scope.store)
                 current_scope.reset(token)
+
+    async def _remove(self) -> None:
+        """``self.session.remove()``, closing the session without a greenlet hop when that
+        cannot do I/O: no transaction means no connection (a request served from cache)."""
+        registry = self.session.registry
+        try:
+            if registry.has():
+                session = registry()
+                if (
+                    type(session).close is AsyncSession.close
+                    and not session.sync_session.in_transaction()
+                ):
+                    session.sync_session.close()
+                else:
+                    await session.close()
+        finally:
+            registry.clear()
 
     def attach(self, session: AsyncSession) -> LocalStore:
         """The local store of ``session``, created on first use. Sessions made by

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from async_session_cache import (
@@ -62,6 +62,36 @@ async def test_scope_checks_the_connection_back_in(
         await cached_execute(select(User.id))
         assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_scope_outside_any_transaction_still_detaches_its_instances(
+    cache: SessionCache, engine: AsyncEngine
+) -> None:
+    """A scope that ends with no transaction open (committed, or served from the cache
+    without I/O) closes its session too: instances detached, registry empty, pool idle."""
+    async with cache.scope() as session:
+        user = (await cached_execute(select(User).where(User.id == 1))).scalar_one()
+        await session.commit()
+        assert not session.in_transaction() and user in session
+    assert inspect(user).detached
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert_nothing_left(cache)
+
+
+async def test_a_session_class_overriding_close_is_closed_through_it(engine: AsyncEngine) -> None:
+    """A scope ends its session through the session class's own close()."""
+    closed: list[AsyncSession] = []
+
+    class ClosingSession(AsyncSession):
+        async def close(self) -> None:
+            closed.append(self)
+            await super().close()
+
+    cache = SessionCache(async_sessionmaker(engine, class_=ClosingSession))
+    async with cache.scope() as session:
+        pass
+    assert closed == [session]
+    assert_nothing_left(cache)
 
 
 async def test_nested_scopes_are_separate(cache: SessionCache, sql: SQLLog) -> None:
