@@ -67,8 +67,8 @@ def statement_key(
     """An in-process key for ``statement``, or ``None`` when SQLAlchemy cannot key it.
 
     The key covers the statement's structure (entities, criteria, loader options: pitfall 5),
-    its bound values (IN-lists, limit/offset included), its execution options, and the
-    parameters and execution options given at execution time. It holds live ``Table``
+    its bound values (IN-lists, limit/offset included) and ``.params()`` values, its
+    execution options, and the parameters and execution options given at execution time. It holds live ``Table``
     objects, so it is valid only inside this process.
     """
     cache_key = statement._generate_cache_key()  # type: ignore[attr-defined]
@@ -76,9 +76,11 @@ def statement_key(
         return None
     values = tuple([_hashable(bind.effective_value) for bind in cache_key.bindparams])
     options = statement._execution_options
+    statement_params = cache_key.params  # .params() values: not in the binds since 2.1
     return (
         _Shape(cache_key.key),
         values,
+        _hashable(dict(statement_params)) if statement_params else (),
         _hashable(dict(options)) if options else (),
         _hashable(parameters) if parameters else (),
         _hashable(dict(execution_options)) if execution_options else (),

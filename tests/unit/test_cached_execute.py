@@ -8,7 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Result, func, lambda_stmt, literal_column, select, text, type_coerce
+from sqlalchemy import (
+    Result,
+    bindparam,
+    func,
+    lambda_stmt,
+    literal_column,
+    select,
+    text,
+    type_coerce,
+)
 from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
@@ -142,6 +151,16 @@ async def test_keys_cover_bound_values_and_limits(cache: SessionCache, sql: SQLL
     assert queries == len(variants)
     assert results == again
     assert results == [[1, 2], [1, 2, 3], [1, 2], [1, 2, 3], [3, 4], [2], [3]]
+
+
+async def test_statement_params_are_part_of_the_key(cache: SessionCache) -> None:
+    """Values given by ``.params()`` (kept beside the binds since SQLAlchemy 2.1) key too."""
+    template = select(User.name).where(User.id == bindparam("uid"))
+    async with cache.scope() as session:
+        cached = [(await cached_execute(template.params(uid=uid))).scalar() for uid in (1, 2, 3)]
+        again = [(await cached_execute(template.params(uid=uid))).scalar() for uid in (1, 2, 3)]
+        plain = [(await session.execute(template.params(uid=uid))).scalar() for uid in (1, 2, 3)]
+    assert cached == again == plain == ["u0", "u1", "u2"]
 
 
 async def test_loader_options_are_part_of_the_key(cache: SessionCache) -> None:

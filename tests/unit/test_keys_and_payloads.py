@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from dogpile.cache import make_region
-from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -52,6 +52,7 @@ def test_equal_statements_get_equal_string_keys() -> None:
         lambda: select(User).where(User.id.in_([1, 2])).execution_options(flag=True),
         lambda: select(User.__table__).where(User.__table__.c.id.in_([1, 2])),
         lambda: select(User.id, User.name).where(User.id.in_([1, 2])),
+        lambda: select(User).where(User.id.in_([1, 2])).params(unused=1),
     ],
     ids=[
         "bound value",
@@ -63,12 +64,20 @@ def test_equal_statements_get_equal_string_keys() -> None:
         "execution option",
         "core instead of orm",
         "columns",
+        "statement params",
     ],
 )
 def test_different_statements_get_different_keys(other: Callable[[], Any]) -> None:
     """Statements that differ in any way that changes the result get different keys."""
     base = select(User).where(User.id.in_([1, 2]))
     assert key_of(base) != key_of(other())
+
+
+def test_statement_params_are_part_of_the_stable_key() -> None:
+    """``.params()`` values differ, so do the keys; equal ones give equal keys."""
+    template = select(User).where(User.id == bindparam("uid"))
+    assert key_of(template.params(uid=1)) != key_of(template.params(uid=2))
+    assert key_of(template.params(uid=1)) == key_of(template.params(uid=1))
 
 
 def test_the_dialect_is_part_of_the_key() -> None:

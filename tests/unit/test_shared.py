@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select, update
+from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import joinedload, selectinload
 
@@ -84,6 +84,19 @@ async def test_entities_with_a_composite_primary_key_are_identity_mapped(
         for row in rows:
             assert await session.get(UserTag, (row.user_id, row.tag_id)) is row
         assert sql.count() == queries
+
+
+async def test_statement_params_key_shared_entries(shared_cache: SessionCache) -> None:
+    """Executions of one template with different ``.params()`` never share an entry."""
+    template = select(User.name).where(User.id == bindparam("uid"))
+    for _ in range(2):  # fill, then hit
+        async with shared_cache.scope():
+            names = [
+                (await cached_execute(template.params(uid=uid), region="shared")).scalar()
+                for uid in (1, 2)
+            ]
+        assert names == ["u0", "u1"]
+    assert shared_cache.stats()["shared"]["hits"] == 2
 
 
 async def test_rebuilt_entities_write_back_like_loaded_ones(
