@@ -43,6 +43,13 @@ class Scope:
 current_scope: ContextVar[Scope | None] = ContextVar("async_session_cache.scope", default=None)
 
 
+def closing_needs_io(session: AsyncSession) -> bool:
+    """Whether closing ``session`` may await: it holds a transaction (so a connection), or
+    its class overrides ``close()``. Otherwise a scope's exit never suspends: a request
+    served from the cache closes in a few microseconds and cannot be cancelled midway."""
+    return type(session).close is not AsyncSession.close or session.sync_session.in_transaction()
+
+
 class SessionCache:
     """Scoped ``AsyncSession``s, each with its own local query cache, plus shared regions.
 
@@ -141,18 +148,15 @@ class SessionCache:
 
     async def _remove(self) -> None:
         """``self.session.remove()``, closing the session without a greenlet hop when that
-        cannot do I/O: no transaction means no connection (a request served from cache)."""
+        cannot do I/O (``closing_needs_io``)."""
         registry = self.session.registry
         try:
             if registry.has():
                 session = registry()
-                if (
-                    type(session).close is AsyncSession.close
-                    and not session.sync_session.in_transaction()
-                ):
-                    session.sync_session.close()
-                else:
+                if closing_needs_io(session):
                     await session.close()
+                else:
+                    session.sync_session.close()
         finally:
             registry.clear()
 

@@ -379,7 +379,7 @@ class _Materializer:
             state = get_state(identity)
             instance = state.obj() if state is not None else None
             fresh = instance is None
-            if fresh:
+            if instance is None:
                 instance = plan.new_instance()
                 state = instance._sa_instance_state
                 if columns is not None:

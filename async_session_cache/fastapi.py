@@ -52,13 +52,14 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
-from ._cache import SessionCache
+from ._cache import SessionCache, closing_needs_io
 from ._exceptions import AsyncSessionCacheError
 
 __all__ = ["SessionDependency", "SyncEndpointError", "session_dependency"]
@@ -105,16 +106,29 @@ def _make_dependency(cache: SessionCache) -> SessionDependency:
         try:
             yield session
         except BaseException as exc:
-            # Shielded: a cancelled request (client gone) must still close its session and
-            # return the connection; an await in a cancelled anyio scope would be cancelled.
-            with anyio.CancelScope(shield=True):
-                if not await scope.__aexit__(type(exc), exc, exc.__traceback__):
-                    raise
+            if not await _exit_shielded(scope, session, exc):
+                raise
         else:
-            with anyio.CancelScope(shield=True):
-                await scope.__aexit__(None, None, None)
+            await _exit_shielded(scope, session, None)
 
     return cached_session
+
+
+async def _exit_shielded(
+    scope: AbstractAsyncContextManager[AsyncSession],
+    session: AsyncSession,
+    exc: BaseException | None,
+) -> bool | None:
+    """Leave ``scope``; what its ``__aexit__`` returns. A cancelled request (client gone)
+    must still close its session and return the connection, so an exit that awaits runs
+    shielded (an await in a cancelled anyio scope would be cancelled); one that cannot
+    suspend needs no shield, and skips its cost on every request served from cache."""
+    exc_info = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
+    if not closing_needs_io(session):
+        return await scope.__aexit__(*exc_info)
+    with anyio.CancelScope(shield=True):
+        suppressed = await scope.__aexit__(*exc_info)
+    return suppressed
 
 
 def _refuse_sync_endpoint(connection: HTTPConnection, dependency: object) -> None:

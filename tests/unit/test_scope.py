@@ -17,6 +17,7 @@ from async_session_cache import (
     UnknownRegionError,
     cached_execute,
 )
+from async_session_cache._cache import closing_needs_io
 from tests.models import User
 from tests.unit.conftest import SQLLog
 
@@ -92,6 +93,24 @@ async def test_a_session_class_overriding_close_is_closed_through_it(engine: Asy
         pass
     assert closed == [session]
     assert_nothing_left(cache)
+
+
+async def test_closing_needs_io_only_with_a_transaction_or_an_own_close(
+    cache: SessionCache, engine: AsyncEngine
+) -> None:
+    """A scope's exit awaits (and FastAPI shields it) only when closing may do I/O."""
+    async with cache.scope() as session:
+        assert not closing_needs_io(session)
+        await session.execute(select(User.id))
+        assert closing_needs_io(session)
+        await session.commit()
+        assert not closing_needs_io(session)
+
+    class OwnClose(AsyncSession):
+        async def close(self) -> None:
+            await super().close()
+
+    assert closing_needs_io(OwnClose(engine))
 
 
 async def test_nested_scopes_are_separate(cache: SessionCache, sql: SQLLog) -> None:

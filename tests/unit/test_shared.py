@@ -76,10 +76,14 @@ async def test_entities_with_a_composite_primary_key_are_identity_mapped(
     async with shared_cache.scope() as session:
         queries = sql.count()
         rows = (
-            await cached_execute(
-                statement.order_by(UserTag.user_id, UserTag.tag_id), region="shared"
+            (
+                await cached_execute(
+                    statement.order_by(UserTag.user_id, UserTag.tag_id), region="shared"
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         assert [(row.user_id, row.tag_id) for row in rows] == [(1, 1), (1, 2), (2, 2), (2, 3)]
         for row in rows:
             assert await session.get(UserTag, (row.user_id, row.tag_id)) is row
