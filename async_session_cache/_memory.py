@@ -49,7 +49,17 @@ class BoundedMemoryBackend(CacheBackend):
             return item[0]
 
     def get_multi(self, keys: Iterable[Any]) -> list[Any]:
-        return [self.get(key) for key in keys]
+        values: list[Any] = []
+        with self._lock:
+            data = self._data
+            for key in keys:
+                item = data.get(key)
+                if item is None:
+                    values.append(NO_VALUE)
+                else:
+                    data.move_to_end(key)
+                    values.append(item[0])
+        return values
 
     def set(self, key: Any, value: Any) -> None:
         size = _size_of(value)

@@ -71,18 +71,22 @@ class Shape:
         return keys
 
 
-_shapes: dict[Hashable, Shape] = {}
+_shapes: dict[str, dict[Hashable, Shape]] = {}
+"""Shapes by dialect name, then by SQLAlchemy's structural key (its hash is cached)."""
 
 
 def shape_of(statement: Executable, key: Hashable, dialect: Dialect) -> Shape:
     """The shape of ``statement`` as executed on ``dialect``; ``key`` is its in-process key."""
-    memo_key = (key[0], dialect.name)  # type: ignore[index]
-    shape = _shapes.get(memo_key)
+    structure = key[0]  # type: ignore[index]
+    shapes = _shapes.get(dialect.name)
+    if shapes is None:
+        shapes = _shapes[dialect.name] = {}
+    shape = shapes.get(structure)
     if shape is None:
         shape = _build_shape(statement, key, dialect)
-        if len(_shapes) >= _MEMO_SIZE:
-            del _shapes[next(iter(_shapes))]
-        _shapes[memo_key] = shape
+        if len(shapes) >= _MEMO_SIZE:
+            del shapes[next(iter(shapes))]
+        shapes[structure] = shape
     return shape
 
 

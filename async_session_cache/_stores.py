@@ -134,9 +134,10 @@ class InProcessStore:
     def read_now(
         self, key: Any, token_keys: Sequence[str]
     ) -> tuple[Payload | None, tuple[str, ...] | None, list[str | None]]:
-        """``read`` without a coroutine: what a hit uses."""
-        stored = self.backend.get(key)
-        tokens = self._tokens(token_keys)
+        """``read`` without a coroutine: what a hit uses (one ``get_multi`` for the entry
+        and its tokens)."""
+        stored, *found = self.backend.get_multi([key, *token_keys])
+        tokens = [None if token is NO_VALUE else token for token in found]
         if not isinstance(stored, Stored):
             return None, None, tokens
         if stored.expires_at <= time.monotonic():

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -179,6 +180,16 @@ def test_bounded_memory_evicts_least_recently_used() -> None:
     backend.set("e", "e")
     assert sorted(backend._data) == ["a", "d", "e"]
     assert backend.evictions == 2
+
+
+def test_bounded_memory_get_multi_reads_and_refreshes_like_get() -> None:
+    """get_multi (a hit's one call for an entry and its tokens) marks what it finds used."""
+    backend = BoundedMemoryBackend({"max_entries": 3})
+    for key in "abc":
+        backend.set(key, key.upper())
+    assert backend.get_multi(["a", "x", "b"]) == ["A", NO_VALUE, "B"]
+    backend.set("d", "D")
+    assert sorted(backend._data) == ["a", "b", "d"]
 
 
 def test_bounded_memory_respects_max_bytes() -> None:
