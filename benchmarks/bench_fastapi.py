@@ -54,6 +54,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_seconds, machine_busy_seconds  # noqa: E402
+
 from examples.catalogue.seed import CATEGORIES, PRODUCTS  # noqa: E402
 from examples.catalogue.server import Server, serve  # noqa: E402
 
@@ -190,17 +192,6 @@ async def _load(url: str, endpoint: str, clients: int, seconds: float, seed: int
 def load(url: str, endpoint: str, clients: int, seconds: float, seed: int, kind: str) -> Run:
     """Entry point of a load process."""
     return asyncio.run(_load(url, endpoint, clients, seconds, seed, kind))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle (every process on the machine)."""
-    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def health(server: Server) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import aiosqlite
 import sqlalchemy
+from machine import OtherLoad
 from sqlalchemy import Boolean, DateTime, Integer, String, event, insert, select
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -307,7 +308,8 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await populate(engine, ROWS)
             started = time.perf_counter()
-            measured = await measure(args, engine)
+            with OtherLoad() as load:
+                measured = await measure(args, engine)
             elapsed = time.perf_counter() - started
         finally:
             await engine.dispose()
@@ -330,6 +332,7 @@ async def run(args: argparse.Namespace) -> int:
         f"\nlocal region: {stats['hits']} hits, {stats['misses']} misses, "
         f"{stats['bypasses']} bypasses; timing took {elapsed:.1f} s"
     )
+    print(load.report())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
@@ -346,6 +349,7 @@ async def run(args: argparse.Namespace) -> int:
                 },
                 "results": rows,
                 "stats": stats,
+                "other_load": round(load.share, 3),
                 "samples_ns": measured["samples_ns"],
             },
             indent=1,

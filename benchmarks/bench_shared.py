@@ -70,6 +70,7 @@ from bench_local import (
     populate,
 )
 from dogpile.cache import make_region
+from machine import OtherLoad
 from sqlalchemy import (
     event,
     text,
@@ -467,9 +468,18 @@ async def part_a(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile:
                 await profile_hits(cache, args.profile_calls)
             started = time.perf_counter()
-            samples = await run_rounds(
-                args, cache, "memory", QUERIES, VARIANTS, SCOPES, calls, sql, lambda q: args.reps
-            )
+            with OtherLoad() as load:
+                samples = await run_rounds(
+                    args,
+                    cache,
+                    "memory",
+                    QUERIES,
+                    VARIANTS,
+                    SCOPES,
+                    calls,
+                    sql,
+                    lambda q: args.reps,
+                )
             elapsed = time.perf_counter() - started
             stats = cache.stats()["memory"]
             sql.close()
@@ -491,7 +501,13 @@ async def part_a(args: argparse.Namespace) -> dict[str, Any]:
         f"memory region: {stats['hits']} hits, {stats['misses']} misses, {stats['fills']} "
         f"fills, {stats['errors']} errors, {stats['bytes']} bytes stored"
     )
-    return {"results": rows, "stats": stats, "samples_ns": samples}
+    print(load.report())
+    return {
+        "results": rows,
+        "stats": stats,
+        "other_load": round(load.share, 3),
+        "samples_ns": samples,
+    }
 
 
 async def profile_hits(cache: SessionCache, n: int) -> None:
