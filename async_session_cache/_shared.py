@@ -138,17 +138,17 @@ class SharedRegion:
         token_keys = self._keys_for(shape.tables)
         counters = self.stats.of(key, statement)
         in_process = self._in_process
-        if in_process is not None and skey not in self.inflight:
-            # An in-process read is plain Python (no coroutine, no I/O): only misses need
-            # sharing.
-            if not self._pending_bumps or await self._pending_bumps_written():
-                found = self._current_in_process(
-                    in_process, local, shape, skey, token_keys, counters
-                )
-                if found is not None:
-                    counters.hit()
-                    await self._maybe_verify(local, statement, shape, found[1])
-                    return found[0]
+        # An in-process read is plain Python (no coroutine, no I/O): only misses need sharing.
+        if (
+            in_process is not None
+            and skey not in self.inflight
+            and (not self._pending_bumps or await self._pending_bumps_written())
+        ):
+            found = self._current_in_process(in_process, local, shape, skey, token_keys, counters)
+            if found is not None:
+                counters.hit()
+                await self._maybe_verify(local, statement, shape, found[1])
+                return found[0]
         call = _Call(
             local=local,
             shape=shape,

@@ -68,8 +68,8 @@ def statement_key(
 
     The key covers the statement's structure (entities, criteria, loader options: pitfall 5),
     its bound values (IN-lists, limit/offset included) and ``.params()`` values, its
-    execution options, and the parameters and execution options given at execution time. It holds live ``Table``
-    objects, so it is valid only inside this process.
+    execution options, and the parameters and execution options given at execution time.
+    It holds live ``Table`` objects, so it is valid only inside this process.
     """
     cache_key = statement._generate_cache_key()  # type: ignore[attr-defined]
     if cache_key is None:

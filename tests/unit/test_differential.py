@@ -76,6 +76,7 @@ import pytest
 from dogpile.cache import CacheRegion, make_region
 from sqlalchemy import (
     Select,
+    bindparam,
     delete,
     event,
     exists,
@@ -153,6 +154,12 @@ class Read:
 
 AGE_RANGES: Final = [(low, low + width) for low in (20, 22, 24, 26, 28) for width in (1, 4)]
 ID_SETS: Final = [(1, 2, 3), (4, 5), (2, 6, 9, 11), (7, 12, 13)]
+
+
+USER_BY_PK: Final = select(User).where(User.id == bindparam("k"))
+AGES: Final = (
+    select(User.id, User.age).where(User.age.between(bindparam("low"), bindparam("high")))
+).order_by(User.id)
 
 
 def _pk(rng: random.Random) -> tuple[Any, ...]:
@@ -272,6 +279,9 @@ KINDS: Final[dict[str, ReadKind]] = {
         entity=True,
     ),
     "all_tags": ReadKind(lambda: select(Tag).order_by(Tag.id), _none, TAGS, entity=True),
+    # one statement built once, values given by .params() (not in its binds since 2.1)
+    "user_by_pk_params": ReadKind(lambda k: USER_BY_PK.params(k=k), _pk, USERS, entity=True),
+    "ages_params": ReadKind(lambda a, b: AGES.params(low=a, high=b), _range, USERS),
     # Core columns
     "name_by_pk": ReadKind(lambda k: select(User.name, User.age).where(User.id == k), _pk, USERS),
     "columns_in_age_range": ReadKind(
