@@ -74,11 +74,28 @@ class Payload:
     has_mutable: bool
     has_unloaded: bool
     nbytes: int
+    # Worked out on the first rebuild and kept: an in-process payload is rebuilt by every hit.
     _rows_cache: list[Any] | None = field(default=None, repr=False)
     _plans_cache: list[MapperPlan] | None = field(default=None, repr=False)
     _attributes_cache: Any = field(default=None, repr=False)
     _columns_cache: list[dict[str, Any]] | None = field(default=None, repr=False)
-    """Worked out on the first rebuild: in-process payloads are rebuilt by every hit."""
+    _identities_cache: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+
+    def identities(self, plans: list[MapperPlan]) -> list[tuple[Any, ...]]:
+        """The identity key of each entity record, made once per payload (checking each
+        record has its mapper's number of columns)."""
+        identities = self._identities_cache
+        if identities is None:
+            identities = []
+            for mapper_index, values, _ in self.entities:
+                plan = plans[mapper_index]
+                if len(plan.keys) != len(values):
+                    raise UnreadablePayload(
+                        f"{len(plan.keys)} columns expected, {len(values)} stored"
+                    )
+                identities.append((plan.identity_class, plan.identity(values), None))
+            self._identities_cache = identities
+        return identities
 
     def record_columns(self, plans: list[MapperPlan]) -> list[dict[str, Any]] | None:
         """Each entity record's column values by attribute key, made once per payload: an
@@ -88,12 +105,10 @@ class Payload:
             return None
         columns = self._columns_cache
         if columns is None:
-            columns = []
-            for mapper_index, values, _ in self.entities:
-                keys = plans[mapper_index].keys
-                if len(keys) != len(values):
-                    raise UnreadablePayload(f"{len(keys)} columns expected, {len(values)} stored")
-                columns.append(dict(zip(keys, values, strict=True)))
+            columns = [
+                dict(zip(plans[mapper_index].keys, values, strict=True))
+                for mapper_index, values, _ in self.entities
+            ]
             self._columns_cache = columns
         return columns
 
@@ -367,31 +382,28 @@ class _Materializer:
         add = identity_map._add_unpresent
         session_id = session.hash_key
         plans = self.plans
+        identities = self.payload.identities(plans)  # checks every record's length
         columns = self.payload.record_columns(plans)
         made: list[Any] = []
         related: list[tuple[Any, bool, tuple[tuple[str, Any], ...]]] = []
         for position, (mapper_index, values, relations) in enumerate(self.payload.entities):
-            plan = plans[mapper_index]
-            keys = plan.keys
-            if len(keys) != len(values):
-                raise UnreadablePayload(f"{len(keys)} columns expected, {len(values)} stored")
-            identity = (plan.identity_class, plan.identity(values), None)
-            state = get_state(identity)
+            identity = identities[position]
+            state: InstanceState[Any] | None = get_state(identity)
             instance = state.obj() if state is not None else None
             fresh = instance is None
             if instance is None:
+                plan = plans[mapper_index]
                 instance = plan.new_instance()
                 state = instance._sa_instance_state
                 if columns is not None:
                     plan.dict_of(instance).update(columns[position])
                 else:
-                    self._set(plan.dict_of(instance), keys, values)
-                state.key = identity
-                state.identity_token = None
+                    self._set(plan.dict_of(instance), plan.keys, values)
+                state.key = identity  # identity_token stays None, its class default
                 state.session_id = session_id
                 add(state, identity)
             else:
-                self._fill_unloaded(instance._sa_instance_state, keys, values)
+                self._fill_unloaded(instance._sa_instance_state, plans[mapper_index].keys, values)
             made.append(instance)
             if relations:
                 related.append((instance, fresh, relations))

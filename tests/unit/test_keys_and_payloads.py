@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import uuid
@@ -22,6 +23,7 @@ from async_session_cache._memory import BoundedMemoryBackend
 from async_session_cache._payload import UNLOADED, Payload, UnreadablePayload, dumps, loads
 from async_session_cache._shapes import shape_of, stable_key
 from async_session_cache._statements import statement_key
+from async_session_cache._stores import Stored
 from tests.models import Address, User
 
 SQLITE = sqlite.dialect()
@@ -256,3 +258,47 @@ def test_plain_and_mixed_columns_round_trip() -> None:
     _, plain = loads(dumps(["t"], _payload(tuple(row[:3] for row in rows))))
     assert plain.rows == tuple(row[:3] for row in rows)
     assert all(type(row) is tuple for row in plain.rows)
+
+
+@pytest.mark.parametrize("damage", ["short record", "unknown mapper"])
+async def test_a_stored_payload_that_does_not_fit_is_a_miss(tmp_path: Any, damage: str) -> None:
+    """A well-formed payload whose records do not fit this process's mappers (a column
+    fewer, a mapper index it lacks) is counted as an error and read from the database."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/fit.db")
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(User.metadata.create_all)
+            await connection.execute(
+                User.__table__.insert(), [{"id": i, "name": f"u{i}", "age": 20 + i} for i in (1, 2)]
+            )
+        region = make_region().configure("async_session_cache.memory")
+        cache = SessionCache(async_sessionmaker(engine), regions={"memory": region})
+        statement = select(User).order_by(User.id)
+        async with cache.scope():
+            await cached_execute(statement, region="memory")
+        backend = region.actual_backend
+        [(key, (stored, _))] = [
+            (key, item) for key, item in backend._data.items() if isinstance(item[0], Stored)
+        ]
+        mapper_index, values, relations = stored.payload.entities[0]
+        if damage == "short record":
+            record = (mapper_index, values[:-1], relations)
+        else:
+            record = (len(stored.payload.mappers) + 1, values, relations)
+        entities = (record, *stored.payload.entities[1:])
+        damaged = dataclasses.replace(
+            stored.payload,
+            entities=entities,
+            _plans_cache=None,
+            _columns_cache=None,
+            _identities_cache=None,
+            _attributes_cache=None,
+        )
+        backend.set(key, Stored(stored.tokens, stored.expires_at, damaged))
+        async with cache.scope():
+            users = (await cached_execute(statement, region="memory")).scalars().all()
+            assert [(user.id, user.name) for user in users] == [(1, "u1"), (2, "u2")]
+        stats = cache.stats()["memory"]
+        assert (stats["errors"], stats["hits"], stats["misses"]) == (1, 0, 2)
+    finally:
+        await engine.dispose()
