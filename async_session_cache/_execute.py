@@ -72,7 +72,8 @@ async def cached_execute(
     statement = require_select(statement)
     if expiration_time is not None and expiration_time <= 0:
         raise ValueError("expiration_time must be a positive number of seconds or None")
-    await _flush_if_pending(store)
+    if store.sync_session.autoflush and has_pending_changes(store.sync_session):
+        await _flush_pending(store)
     key = None if must_read_live(statement) else _key_or_warn(statement)
     if key is None:
         (store.stats if shared is None else shared.stats).bypasses += 1
@@ -143,14 +144,13 @@ def _key_or_warn(statement: Executable) -> Hashable | None:
     return key
 
 
-async def _flush_if_pending(store: LocalStore) -> None:
+async def _flush_pending(store: LocalStore) -> None:
     """Flush first, as ``execute`` would autoflush, so a hit never skips pending changes
-    (pitfall 3) and the flush's writes invalidate the entries they make stale (pitfall 4)."""
-    sync_session = store.sync_session
-    if sync_session.autoflush and has_pending_changes(sync_session):
-        async with store.lock:
-            if has_pending_changes(sync_session):
-                await store.session.flush()
+    (pitfall 3) and the flush's writes invalidate the entries they make stale (pitfall 4).
+    (The caller checks for pending changes first: a hit with none awaits nothing here.)"""
+    async with store.lock:
+        if has_pending_changes(store.sync_session):
+            await store.session.flush()
 
 
 async def _execute_uncached(store: LocalStore, statement: Executable) -> Result[Any]:

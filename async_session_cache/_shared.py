@@ -147,7 +147,8 @@ class SharedRegion:
             found = self._current_in_process(in_process, local, shape, skey, token_keys, counters)
             if found is not None:
                 counters.hit()
-                await self._maybe_verify(local, statement, shape, found[1])
+                if self.verifier is not None:
+                    await self._maybe_verify(local, statement, shape, found[1])
                 return found[0]
         call = _Call(
             local=local,
