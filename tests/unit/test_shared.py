@@ -11,11 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, inspect, select, update
+from sqlalchemy import String, TypeDecorator, bindparam, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import joinedload, selectinload
 
-from async_session_cache import FromCache, SessionCache, cached_execute, invalidate
+from async_session_cache import (
+    FromCache,
+    SessionCache,
+    UncacheableStatementWarning,
+    cached_execute,
+    invalidate,
+)
 from tests.models import Address, Audit, Tag, User, UserTag
 from tests.unit.conftest import SQLLog
 from tests.unit.test_cached_execute import CONSUMERS, STATEMENTS, _normal
@@ -346,3 +352,47 @@ async def test_a_burst_of_reads_of_one_key_makes_one_network_read(
     assert len(sql.selects) == queries
     assert reads == (1 if shared.store.remote else 200)
     assert shared_cache.stats()["shared"]["errors"] == 0
+
+
+class _Name:
+    """A bound value whose text form is an object address, different in every process."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Name) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+class _NameType(TypeDecorator[_Name]):
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return value.value if isinstance(value, _Name) else value
+
+
+async def test_values_without_a_stable_text_form(shared_cache: SessionCache, sql: SQLLog) -> None:
+    """An in-process region keys on the value itself and shares the result; redis, which
+    needs a key every process agrees on, keeps it in the local region and says so."""
+    shared = shared_cache.shared("shared")
+    assert shared is not None
+    build: Callable[[], Any] = lambda: select(User.id).where(  # noqa: E731
+        User.name == bindparam("name", _Name("u3"), type_=_NameType())
+    )
+    async with shared_cache.scope():
+        if shared.store.remote:
+            with pytest.warns(UncacheableStatementWarning, match="no stable text form"):
+                first = (await cached_execute(build(), region="shared")).scalar_one()
+        else:
+            first = (await cached_execute(build(), region="shared")).scalar_one()
+    async with shared_cache.scope():
+        queries = len(sql.selects)
+        again = (await cached_execute(build(), region="shared")).scalar_one()
+        reached_database = len(sql.selects) > queries
+    assert first == again == 4
+    assert reached_database is shared.store.remote
+    assert shared_cache.stats()["shared"]["hits"] == (0 if shared.store.remote else 1)
