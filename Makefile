@@ -34,7 +34,7 @@ check: venv services
 	$(PYTEST)
 
 demo: venv
-	$(BIN)/python examples/demo.py
+	$(BIN)/python -m examples.demo
 
 # The FastAPI catalogue example (env: see examples/catalogue/__init__.py).
 .PHONY: serve

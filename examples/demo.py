@@ -1,4 +1,4 @@
-"""A tour of async_session_cache on a small product catalogue (aiosqlite, temp file).
+"""A tour of async_session_cache on the example catalogue (aiosqlite, temp file).
 
 A product page is assembled by independent components (header, permission check, detail,
 breadcrumb, rating badge, related products, SEO tags, footer) that each load what they need,
@@ -6,7 +6,9 @@ so the same reads repeat within one request. The same request mix runs uncached
 (``session.execute``) and cached (``cached_execute``), interleaved; then a write shows that
 a cached read in the same scope sees the new value at once.
 
-    .venv/bin/python examples/demo.py
+    .venv/bin/python -m examples.demo
+
+The tables and their data are the example service's (``examples/catalogue``).
 """
 
 from __future__ import annotations
@@ -18,83 +20,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, String, event, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+from sqlalchemy import event, func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import selectinload
 
 from async_session_cache import SessionCache, cached_execute
+from examples.catalogue.models import Category, Product, Review
+from examples.catalogue.seed import CATEGORIES, PRODUCTS, REVIEWS, create_and_seed
 
-CATEGORIES, PRODUCTS, REVIEWS, REQUESTS = 20, 5_000, 20_000, 150
+REQUESTS = 150
 
 Read = Callable[[Any], Awaitable[Any]]
 """``session.execute`` or ``cached_execute``: the only difference between the two runs."""
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Category(Base):
-    __tablename__ = "categories"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-    products: Mapped[list[Product]] = relationship(back_populates="category")
-
-
-class Product(Base):
-    __tablename__ = "products"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id"), index=True)
-    name: Mapped[str] = mapped_column(String(100))
-    price_cents: Mapped[int]
-    stock: Mapped[int]
-    category: Mapped[Category] = relationship(back_populates="products")
-    reviews: Mapped[list[Review]] = relationship(back_populates="product")
-
-
-class Review(Base):
-    __tablename__ = "reviews"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"), index=True)
-    rating: Mapped[int]
-    author: Mapped[str] = mapped_column(String(50))
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    product: Mapped[Product] = relationship(back_populates="reviews")
-
-
-async def create_catalogue(engine: AsyncEngine) -> None:
-    """Create the schema and fill it with deterministic pseudo-random rows."""
-    rng = random.Random(7)
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(
-            insert(Category), [{"id": i, "name": f"Category {i:02}"} for i in range(CATEGORIES)]
-        )
-        products = [
-            {
-                "id": i,
-                "category_id": i % CATEGORIES,
-                "name": f"Product {i}",
-                "price_cents": rng.randint(199, 99_999),
-                "stock": rng.randint(0, 500),
-            }
-            for i in range(PRODUCTS)
-        ]
-        await conn.execute(insert(Product), products)
-        start = datetime(2024, 1, 1)
-        reviews = [
-            {
-                "product_id": rng.randrange(PRODUCTS),
-                "rating": rng.randint(1, 5),
-                "author": f"reader{rng.randrange(1000)}",
-                "created_at": start + timedelta(minutes=i),
-            }
-            for i in range(REVIEWS)
-        ]
-        await conn.execute(insert(Review), reviews)
 
 
 async def load_product(read: Read, product_id: int) -> Product:
@@ -118,7 +57,7 @@ async def category_nav(read: Read) -> list[str]:
 async def product_page(read: Read, product_id: int) -> dict[str, Any]:
     """One request: the components of a product page, each doing its own reads."""
     header = await category_nav(read)
-    if (await load_product(read, product_id)).stock < 0:  # permission/visibility check
+    if (await load_product(read, product_id)).price_cents <= 0:  # not-for-sale check
         raise LookupError(product_id)
     stmt = select(Product).where(Product.id == product_id).options(selectinload(Product.reviews))
     detail = (await read(stmt)).scalar_one()
@@ -145,9 +84,9 @@ async def product_page(read: Read, product_id: int) -> dict[str, Any]:
 async def run_workload(cache: SessionCache, sql: list[int]) -> dict[str, Any]:
     """Serve the same requests uncached and cached, interleaved; return counts and latencies."""
     rng = random.Random(11)
-    hot = rng.sample(range(PRODUCTS), 40)  # a few popular products, many cold ones
+    hot = rng.sample(range(1, PRODUCTS + 1), 40)  # a few popular products, many cold ones
     requests = [
-        rng.choice(hot) if rng.random() < 0.6 else rng.randrange(PRODUCTS) for _ in range(REQUESTS)
+        rng.choice(hot) if rng.random() < 0.6 else rng.randint(1, PRODUCTS) for _ in range(REQUESTS)
     ]
     modes: dict[str, Any] = {
         name: {"sql": 0, "latency": [], "pages": []} for name in ("uncached", "cached")
@@ -264,7 +203,7 @@ async def main() -> None:
 
         try:
             started = time.perf_counter()
-            await create_catalogue(engine)
+            await create_and_seed(engine)
             print("async_session_cache demo: a product catalogue on aiosqlite (temp file)")
             print(
                 f"  {CATEGORIES} categories, {PRODUCTS:,} products, {REVIEWS:,} reviews "
